@@ -1,9 +1,12 @@
 """The train state: arrays only; the model and optimizer are passed to step factories."""
 
+import functools
 from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
+import optax
 
 
 @flax.struct.dataclass
@@ -30,3 +33,35 @@ class TrainState:
   opt_state: Any
   ema_params: Any = None
   ema_batch_stats: Any = None
+
+
+def create_train_state(
+    model: Any, tx: optax.GradientTransformation, *, rng: jax.Array, image_shape, method: str
+) -> TrainState:
+  """Initialises params, batch_stats, opt_state and (MESA) their EMA copies.
+
+  MESA's EMA starts at the initial weights and statistics (:math:`v_0 = \\theta_0`).
+
+  Args:
+    model: a Flax module (``init(rng, images, train=False)``).
+    tx: the base optimizer.
+    rng: PRNG key for the parameter init.
+    image_shape: (height, width, channels) of one example.
+    method: 'sgd', 'saf' or 'mesa'; only 'mesa' allocates ``ema_params``.
+
+  Returns:
+    A ``TrainState`` at step 0.
+  """
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
+  state = TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+  )
+  if method == 'mesa':
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    state = state.replace(ema_params=copy(params), ema_batch_stats=copy(batch_stats))
+  return state

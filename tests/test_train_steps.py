@@ -1,0 +1,228 @@
+"""Train steps: lam=0 reduces SAF/MESA to SGD, the EMA closed form, BatchNorm updated once."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from saf_jax import losses, train_state, train_steps, transforms
+
+NUM_CLASSES = 5
+
+
+class _DenseBN(nn.Module):
+  """Test-only model: Dense -> BatchNorm (momentum 0.9, as the real models)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(NUM_CLASSES)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+
+
+def _setup(method, seed=0):
+  model = _DenseBN()
+  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+  state = train_state.create_train_state(
+      model, tx, rng=jax.random.key(seed), image_shape=(4, 4, 1), method=method
+  )
+  return model, tx, state
+
+
+def _batches(num, batch_size=8, seed=0, constant=False):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(num):
+    if constant:
+      image = np.full((batch_size, 4, 4, 1), 0.7, np.float32)
+    else:
+      image = rng.normal(size=(batch_size, 4, 4, 1)).astype(np.float32)
+    out.append({
+        'image': image,
+        'label': rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+        'index': rng.permutation(100)[:batch_size].astype(np.int32),
+        'target_logits': rng.normal(size=(batch_size, NUM_CLASSES)).astype(np.float32) * 3,
+        'target_mask': (rng.random(batch_size) > 0.3).astype(np.float32),
+    })
+  return out
+
+
+def _run(method, batches, **hparams):
+  model, tx, state = _setup(method)
+  step = jax.jit(train_steps.make_train_step(model=model, tx=tx, method=method, **hparams))
+  history = [state]
+  for batch in batches:
+    state, metrics, _ = step(state, batch)
+    history.append(state)
+  return history, metrics
+
+
+def _assert_trees_equal(a, b, exact=True):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    if exact:
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('method, extra', [('saf', {}), ('mesa', {'ema_decay': 0.9})])
+def test_lam_zero_gives_exactly_the_sgd_params(method, extra):
+  batches = _batches(3)
+  sgd_history, _ = _run('sgd', batches)
+  history, metrics = _run(method, batches, lam=0.0, tau=5.0, trajectory_active=True, **extra)
+  assert float(metrics['trajectory_loss']) > 0  # The term is computed, just weighted by 0.
+  _assert_trees_equal(history[-1].params, sgd_history[-1].params)
+  _assert_trees_equal(history[-1].batch_stats, sgd_history[-1].batch_stats)
+
+
+@pytest.mark.parametrize('method, extra', [('saf', {}), ('mesa', {'ema_decay': 0.9})])
+def test_positive_lam_changes_the_update(method, extra):
+  batches = _batches(2)
+  sgd_history, _ = _run('sgd', batches)
+  history, _ = _run(method, batches, lam=0.5, tau=5.0, trajectory_active=True, **extra)
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), history[-1].params, sgd_history[-1].params)
+  assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_saf_gradient_is_ce_plus_lam_masked_trajectory():
+  model, tx, state = _setup('saf')
+  batch = _batches(1)[0]
+  lam, tau = 0.3, 5.0
+  step = train_steps.make_train_step(
+      model=model, tx=tx, method='saf', lam=lam, tau=tau, trajectory_active=True
+  )
+  new_state, metrics, logits = jax.jit(step)(state, batch)
+
+  def manual_loss(params):
+    z, _ = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats},
+        batch['image'],
+        train=True,
+        mutable=['batch_stats'],
+    )
+    traj = losses.trajectory_loss(
+        z, batch['target_logits'], temperature=tau, mask=batch['target_mask']
+    )
+    return losses.cross_entropy(z, batch['label']) + lam * traj
+
+  grads = jax.grad(manual_loss)(state.params)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  _assert_trees_equal(new_state.params, optax.apply_updates(state.params, updates), exact=False)
+  np.testing.assert_allclose(metrics['table_valid_fraction'], batch['target_mask'].mean())
+  assert logits.shape == (8, NUM_CLASSES)  # The training forward's own logits come back.
+
+
+def test_mesa_teacher_is_eval_mode_ema_without_gradient():
+  model, tx, state = _setup('mesa')
+  batches = _batches(2)
+  step = jax.jit(
+      train_steps.make_train_step(
+          model=model, tx=tx, method='mesa', lam=0.8, tau=5.0, ema_decay=0.5,
+          trajectory_active=True,
+      )
+  )
+  state, _, _ = step(state, batches[0])  # Now ema != params, ema_batch_stats != batch_stats.
+  batch = batches[1]
+  new_state, _, logits = step(state, batch)
+  assert logits is None
+  teacher = model.apply(
+      {'params': state.ema_params, 'batch_stats': state.ema_batch_stats},
+      batch['image'],
+      train=False,
+  )
+
+  def manual_loss(params):
+    z, _ = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats},
+        batch['image'],
+        train=True,
+        mutable=['batch_stats'],
+    )
+    traj = losses.trajectory_loss(z, teacher, temperature=5.0)  # teacher: a constant.
+    return losses.cross_entropy(z, batch['label']) + 0.8 * traj
+
+  grads = jax.grad(manual_loss)(state.params)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  _assert_trees_equal(new_state.params, optax.apply_updates(state.params, updates), exact=False)
+
+
+def test_ema_closed_form_over_three_steps():
+  beta = 0.7
+  history, _ = _run('mesa', _batches(3), lam=0.8, tau=5.0, ema_decay=beta, trajectory_active=True)
+  for field, ema_field in (('params', 'ema_params'), ('batch_stats', 'ema_batch_stats')):
+    thetas = [getattr(s, field) for s in history]  # theta_0 .. theta_3.
+    want = jax.tree.map(
+        lambda t0, t1, t2, t3: beta**3 * t0 + (1 - beta) * (beta**2 * t1 + beta * t2 + t3),
+        *thetas,
+    )
+    _assert_trees_equal(getattr(history[-1], ema_field), want, exact=False)
+
+
+@pytest.mark.parametrize('method', ['sgd', 'saf', 'mesa'])
+@pytest.mark.parametrize('active', [False, True])
+def test_student_batch_stats_change_exactly_once_per_step(method, active):
+  model, tx, state = _setup(method)
+  batch = _batches(1, constant=True)[0]
+  hparams = {} if method == 'sgd' else {'lam': 0.8, 'tau': 5.0}
+  if method == 'mesa':
+    hparams['ema_decay'] = 0.9
+  step = train_steps.make_train_step(
+      model=model, tx=tx, method=method, trajectory_active=active, **hparams
+  )
+  new_state, _, _ = jax.jit(step)(state, batch)
+  x = batch['image'].reshape(8, -1)
+  dense = state.params['Dense_0']
+  pre_bn_mean = (x @ dense['kernel'] + dense['bias']).mean(0)
+  # Momentum 0.9 from zeros: one update gives 0.1 * mean; two would give 0.19 * mean.
+  np.testing.assert_allclose(
+      new_state.batch_stats['BatchNorm_0']['mean'], 0.1 * pre_bn_mean, rtol=1e-5, atol=1e-7
+  )
+
+
+def test_ema_transform_matches_train_state_ema():
+  beta = 0.9
+  history, _ = _run('mesa', _batches(3), lam=0.0, tau=5.0, ema_decay=beta, trajectory_active=False)
+  # The same params trajectory through the optax transform, put last in a chain.
+  tx = optax.chain(optax.identity(), transforms.ema_params(ema_decay=beta))
+  opt_state = tx.init(history[0].params)
+  params = history[0].params
+  for nxt in history[1:]:
+    updates = jax.tree.map(lambda a, b: a - b, nxt.params, params)
+    updates, opt_state = tx.update(updates, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  _assert_trees_equal(transforms.get_ema_params(opt_state), history[-1].ema_params, exact=False)
+  assert int(opt_state[1].count) == 3
+
+
+def test_ema_transform_validates_and_passes_updates_through():
+  with pytest.raises(ValueError, match='ema_decay'):
+    transforms.ema_params(ema_decay=1.0)
+  tx = transforms.ema_params(ema_decay=0.5)
+  params = {'w': jnp.array([1.0, 2.0])}
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)({'w': jnp.array([1.0, 1.0])}, state, params)
+  np.testing.assert_array_equal(updates['w'], [1.0, 1.0])
+  np.testing.assert_allclose(state.ema_params['w'], [1.5, 2.5])  # 0.5*[1,2] + 0.5*[2,3].
+  with pytest.raises(ValueError, match='params'):
+    tx.update(updates, state)
+
+
+def test_unknown_method_raises():
+  with pytest.raises(ValueError, match=r"config.method.name must be one of \['sgd', 'saf', 'mesa'\]"):
+    train_steps.make_train_step(model=None, tx=None, method='sam')
+
+
+def test_eval_step_ignores_padding():
+  model, _, state = _setup('sgd')
+  batch = _batches(1)[0]
+  batch['mask'] = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
+  out = train_steps.eval_step(model, state.params, state.batch_stats, batch)
+  logits = model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+  )
+  correct = (np.argmax(logits, -1) == batch['label'])[:5].sum()
+  assert float(out['count']) == 5.0
+  assert float(out['correct']) == correct
