@@ -81,6 +81,8 @@ _CHANNEL_STATS = {
   'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
   'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+# TFDS names this pipeline serves (it knows their normalisation constants).
+DATASETS = tuple(sorted(_CHANNEL_STATS))
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
 _IDX_DTYPES = {

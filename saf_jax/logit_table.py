@@ -41,7 +41,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-# Below any epoch - E_tilde, so a never-written row is never valid (-1 would be, for e = E_tilde - 1).
+# Below any epoch - E_tilde: a never-written row is never valid (-1 would be at e = E_tilde - 1).
 NEVER_WRITTEN = np.iinfo(np.int32).min
 
 _DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
@@ -58,14 +58,14 @@ class LogitTable:
   """
 
   def __init__(
-      self,
-      num_examples: int,
-      num_classes: int,
-      *,
-      E_tilde: int,
-      dtype: str = 'float32',
-      values: np.ndarray | None = None,
-      written_epoch: np.ndarray | None = None,
+    self,
+    num_examples: int,
+    num_classes: int,
+    *,
+    E_tilde: int,
+    dtype: str = 'float32',
+    values: np.ndarray | None = None,
+    written_epoch: np.ndarray | None = None,
   ):
     """Creates an empty table, or one holding restored ``values`` and ``written_epoch``.
 
@@ -83,14 +83,14 @@ class LogitTable:
     """
     if num_examples < 1 or num_classes < 1:
       raise ValueError(
-          f'LogitTable needs num_examples >= 1 and num_classes >= 1, got '
-          f'{num_examples} and {num_classes}.'
+        f'LogitTable needs num_examples >= 1 and num_classes >= 1, got '
+        f'{num_examples} and {num_classes}.'
       )
     if E_tilde < 1:
       raise ValueError(f'config.method.saf.E_tilde must be an integer >= 1, got {E_tilde}.')
     if dtype not in _DTYPES:
       raise ValueError(
-          f'config.method.saf.table_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.'
+        f'config.method.saf.table_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.'
       )
     self.num_examples = int(num_examples)
     self.num_classes = int(num_classes)
@@ -103,8 +103,8 @@ class LogitTable:
       written_epoch = np.full(shape[:2], NEVER_WRITTEN, np.int32)
     if values.shape != shape or written_epoch.shape != shape[:2]:
       raise ValueError(
-          f'Restored SAF table has shapes {values.shape} and {written_epoch.shape}; this '
-          f'run needs {shape} and {shape[:2]} (num_examples, num_classes or E_tilde differ).'
+        f'Restored SAF table has shapes {values.shape} and {written_epoch.shape}; this '
+        f'run needs {shape} and {shape[:2]} (num_examples, num_classes or E_tilde differ).'
       )
     self.values = np.asarray(values, self.dtype)
     self.written_epoch = np.asarray(written_epoch, np.int32)
@@ -129,14 +129,13 @@ class LogitTable:
     if ids.size and (ids.min() < 0 or ids.max() >= self.num_examples):
       bad = ids[(ids < 0) | (ids >= self.num_examples)]
       raise ValueError(
-          f'Example ids must lie in [0, {self.num_examples}) (the table was built for '
-          f'{self.num_examples} training examples); got {bad[:8].tolist()}.'
+        f'Example ids must lie in [0, {self.num_examples}) (the table was built for '
+        f'{self.num_examples} training examples); got {bad[:8].tolist()}.'
       )
     if np.unique(ids).size != ids.size:
       uniq, counts = np.unique(ids, return_counts=True)
       raise ValueError(
-          f'Example ids within one batch must be distinct; repeated: '
-          f'{uniq[counts > 1][:8].tolist()}.'
+        f'Example ids within one batch must be distinct; repeated: {uniq[counts > 1][:8].tolist()}.'
       )
     return ids
 
@@ -178,8 +177,8 @@ class LogitTable:
     logits = np.asarray(logits)
     if logits.shape != (ids.size, self.num_classes):
       raise ValueError(
-          f'Logits of shape {logits.shape} do not match {ids.size} ids x '
-          f'{self.num_classes} classes of the SAF table.'
+        f'Logits of shape {logits.shape} do not match {ids.size} ids x '
+        f'{self.num_classes} classes of the SAF table.'
       )
     slot = self._slot(epoch)
     self.values[slot, ids] = logits.astype(self.dtype)

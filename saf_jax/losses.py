@@ -49,11 +49,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def trajectory_loss(
-    logits: jax.Array,
-    target_logits: jax.Array,
-    *,
-    temperature: float,
-    mask: jax.Array | None = None,
+  logits: jax.Array,
+  target_logits: jax.Array,
+  *,
+  temperature: float,
+  mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""The :math:`\tau^2`-scaled trajectory KL of SAF (Eq. 9) and MESA (Eq. 13).
 

@@ -36,7 +36,7 @@ class TrainState:
 
 
 def create_train_state(
-    model: Any, tx: optax.GradientTransformation, *, rng: jax.Array, image_shape, method: str
+  model: Any, tx: optax.GradientTransformation, *, rng: jax.Array, image_shape, method: str
 ) -> TrainState:
   """Initialises params, batch_stats, opt_state and (MESA) their EMA copies.
 
@@ -56,10 +56,10 @@ def create_train_state(
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
   state = TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=tx.init(params),
+    step=jnp.zeros([], jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
   )
   if method == 'mesa':
     copy = functools.partial(jax.tree.map, jnp.copy)

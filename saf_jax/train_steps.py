@@ -33,7 +33,7 @@ METHODS = ('sgd', 'saf', 'mesa')
 def _apply_train(model, params, batch_stats, images):
   """Training-mode forward; returns (float32 logits, new batch_stats)."""
   logits, new_vars = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+    {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
   )
   return logits.astype(jnp.float32), new_vars.get('batch_stats', batch_stats)
 
@@ -44,14 +44,14 @@ def _apply_eval(model, params, batch_stats, images):
 
 
 def make_train_step(
-    *,
-    model: Any,
-    tx: optax.GradientTransformation,
-    method: str,
-    lam: float = 0.0,
-    tau: float = 1.0,
-    ema_decay: float = 0.0,
-    trajectory_active: bool = False,
+  *,
+  model: Any,
+  tx: optax.GradientTransformation,
+  method: str,
+  lam: float = 0.0,
+  tau: float = 1.0,
+  ema_decay: float = 0.0,
+  trajectory_active: bool = False,
 ) -> Callable:
   r"""Builds ``train_step(state, batch) -> (state, metrics, logits)``.
 
@@ -85,7 +85,7 @@ def make_train_step(
     if method == 'mesa' and use_trajectory:
       # Eq. 13: the EMA teacher, eval mode, its own EMA batch stats, no gradient.
       target_logits = jax.lax.stop_gradient(
-          _apply_eval(model, state.ema_params, state.ema_batch_stats, images)
+        _apply_eval(model, state.ema_params, state.ema_batch_stats, images)
       )
       target_mask = None
     elif method == 'saf' and use_trajectory:
@@ -108,30 +108,30 @@ def make_train_step(
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
-        step=state.step + 1,
-        params=new_params,
-        batch_stats=new_batch_stats,
-        opt_state=new_opt_state,
+      step=state.step + 1,
+      params=new_params,
+      batch_stats=new_batch_stats,
+      opt_state=new_opt_state,
     )
     if method == 'mesa':
       # Eq. 10 after every step, also before E_start, so the teacher is ready then.
       new_state = new_state.replace(
-          ema_params=transforms.ema_update(state.ema_params, new_params, ema_decay=ema_decay),
-          ema_batch_stats=transforms.ema_update(
-              state.ema_batch_stats, new_batch_stats, ema_decay=ema_decay
-          ),
+        ema_params=transforms.ema_update(state.ema_params, new_params, ema_decay=ema_decay),
+        ema_batch_stats=transforms.ema_update(
+          state.ema_batch_stats, new_batch_stats, ema_decay=ema_decay
+        ),
       )
     metrics = {
-        'loss': loss,
-        'ce_loss': ce,
-        'trajectory_loss': traj,
-        'accuracy': jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        'l2_grads': optax.global_norm(grads),
-        'l2_params': optax.global_norm(new_params),
+      'loss': loss,
+      'ce_loss': ce,
+      'trajectory_loss': traj,
+      'accuracy': jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+      'l2_grads': optax.global_norm(grads),
+      'l2_params': optax.global_norm(new_params),
     }
     if method == 'saf':
       metrics['table_valid_fraction'] = (
-          jnp.mean(batch['target_mask']) if 'target_mask' in batch else jnp.zeros([])
+        jnp.mean(batch['target_mask']) if 'target_mask' in batch else jnp.zeros([])
       )
     out_logits = jax.lax.stop_gradient(logits) if method == 'saf' else None
     return new_state, metrics, out_logits
@@ -140,7 +140,7 @@ def make_train_step(
 
 
 def eval_step(
-    model: Any, params: Any, batch_stats: Any, batch: dict[str, jax.Array]
+  model: Any, params: Any, batch_stats: Any, batch: dict[str, jax.Array]
 ) -> dict[str, jax.Array]:
   """Sums of correct predictions, cross-entropy and example count over a padded batch.
 
@@ -160,7 +160,7 @@ def eval_step(
   nll = losses.per_example_cross_entropy(logits, batch['label'])
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   return {
-      'correct': jnp.sum(correct * mask),
-      'loss_sum': jnp.sum(nll * mask),
-      'count': jnp.sum(mask),
+    'correct': jnp.sum(correct * mask),
+    'loss_sum': jnp.sum(nll * mask),
+    'count': jnp.sum(mask),
   }

@@ -29,7 +29,7 @@ import optax
 def _check_decay(ema_decay: float) -> None:
   if not 0.0 < ema_decay < 1.0:
     raise ValueError(
-        f'config.method.mesa.ema_decay must lie in the open interval (0, 1), got {ema_decay}.'
+      f'config.method.mesa.ema_decay must lie in the open interval (0, 1), got {ema_decay}.'
     )
 
 
@@ -45,9 +45,9 @@ def ema_update(ema_tree: Any, tree: Any, *, ema_decay: float) -> Any:
     The new average, same structure and dtypes as ``ema_tree``.
   """
   return jax.tree.map(
-      lambda v, x: (ema_decay * v + (1.0 - ema_decay) * x.astype(v.dtype)).astype(v.dtype),
-      ema_tree,
-      tree,
+    lambda v, x: (ema_decay * v + (1.0 - ema_decay) * x.astype(v.dtype)).astype(v.dtype),
+    ema_tree,
+    tree,
   )
 
 
@@ -92,7 +92,7 @@ def ema_params(ema_decay: float) -> optax.GradientTransformationExtraArgs:
 
   def init_fn(params):
     return EmaParamsState(
-        count=jnp.zeros([], jnp.int32), ema_params=jax.tree.map(jnp.asarray, params)
+      count=jnp.zeros([], jnp.int32), ema_params=jax.tree.map(jnp.asarray, params)
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -119,9 +119,9 @@ def get_ema_params(opt_state: Any) -> Any:
     ValueError: if no ``EmaParamsState`` is found, or more than one.
   """
   found = [
-      s
-      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaParamsState))
-      if isinstance(s, EmaParamsState)
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaParamsState))
+    if isinstance(s, EmaParamsState)
   ]
   if len(found) != 1:
     raise ValueError(f'Expected exactly one EmaParamsState in opt_state, found {len(found)}.')

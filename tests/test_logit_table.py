@@ -78,14 +78,14 @@ def test_stale_row_from_a_wrong_epoch_is_masked():
 
 
 @pytest.mark.parametrize(
-    'ids, match',
-    [
-        (np.array([0, 10]), r'\[0, 10\)'),
-        (np.array([-1, 2]), r'\[0, 10\)'),
-        (np.array([3, 3]), 'distinct'),
-        (np.array([[1, 2]]), '1-D integer'),
-        (np.array([0.5, 1.0]), '1-D integer'),
-    ],
+  'ids, match',
+  [
+    (np.array([0, 10]), r'\[0, 10\)'),
+    (np.array([-1, 2]), r'\[0, 10\)'),
+    (np.array([3, 3]), 'distinct'),
+    (np.array([[1, 2]]), '1-D integer'),
+    (np.array([0.5, 1.0]), '1-D integer'),
+  ],
 )
 def test_bad_ids_raise(ids, match):
   table = logit_table.LogitTable(10, 3, E_tilde=1)

@@ -49,7 +49,7 @@ def test_tau_squared_factor():
   tau = 3.0
   plain_kl = _np_trajectory(z, t, tau) / tau**2
   np.testing.assert_allclose(
-      losses.trajectory_loss(z, t, temperature=tau), tau**2 * plain_kl, rtol=1e-5
+    losses.trajectory_loss(z, t, temperature=tau), tau**2 * plain_kl, rtol=1e-5
   )
 
 

@@ -26,7 +26,7 @@ def _setup(method, seed=0):
   model = _DenseBN()
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
   state = train_state.create_train_state(
-      model, tx, rng=jax.random.key(seed), image_shape=(4, 4, 1), method=method
+    model, tx, rng=jax.random.key(seed), image_shape=(4, 4, 1), method=method
   )
   return model, tx, state
 
@@ -39,13 +39,15 @@ def _batches(num, batch_size=8, seed=0, constant=False):
       image = np.full((batch_size, 4, 4, 1), 0.7, np.float32)
     else:
       image = rng.normal(size=(batch_size, 4, 4, 1)).astype(np.float32)
-    out.append({
+    out.append(
+      {
         'image': image,
         'label': rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
         'index': rng.permutation(100)[:batch_size].astype(np.int32),
         'target_logits': rng.normal(size=(batch_size, NUM_CLASSES)).astype(np.float32) * 3,
         'target_mask': (rng.random(batch_size) > 0.3).astype(np.float32),
-    })
+      }
+    )
   return out
 
 
@@ -92,19 +94,19 @@ def test_saf_gradient_is_ce_plus_lam_masked_trajectory():
   batch = _batches(1)[0]
   lam, tau = 0.3, 5.0
   step = train_steps.make_train_step(
-      model=model, tx=tx, method='saf', lam=lam, tau=tau, trajectory_active=True
+    model=model, tx=tx, method='saf', lam=lam, tau=tau, trajectory_active=True
   )
   new_state, metrics, logits = jax.jit(step)(state, batch)
 
   def manual_loss(params):
     z, _ = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats},
-        batch['image'],
-        train=True,
-        mutable=['batch_stats'],
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
     )
     traj = losses.trajectory_loss(
-        z, batch['target_logits'], temperature=tau, mask=batch['target_mask']
+      z, batch['target_logits'], temperature=tau, mask=batch['target_mask']
     )
     return losses.cross_entropy(z, batch['label']) + lam * traj
 
@@ -119,27 +121,32 @@ def test_mesa_teacher_is_eval_mode_ema_without_gradient():
   model, tx, state = _setup('mesa')
   batches = _batches(2)
   step = jax.jit(
-      train_steps.make_train_step(
-          model=model, tx=tx, method='mesa', lam=0.8, tau=5.0, ema_decay=0.5,
-          trajectory_active=True,
-      )
+    train_steps.make_train_step(
+      model=model,
+      tx=tx,
+      method='mesa',
+      lam=0.8,
+      tau=5.0,
+      ema_decay=0.5,
+      trajectory_active=True,
+    )
   )
   state, _, _ = step(state, batches[0])  # Now ema != params, ema_batch_stats != batch_stats.
   batch = batches[1]
   new_state, _, logits = step(state, batch)
   assert logits is None
   teacher = model.apply(
-      {'params': state.ema_params, 'batch_stats': state.ema_batch_stats},
-      batch['image'],
-      train=False,
+    {'params': state.ema_params, 'batch_stats': state.ema_batch_stats},
+    batch['image'],
+    train=False,
   )
 
   def manual_loss(params):
     z, _ = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats},
-        batch['image'],
-        train=True,
-        mutable=['batch_stats'],
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
     )
     traj = losses.trajectory_loss(z, teacher, temperature=5.0)  # teacher: a constant.
     return losses.cross_entropy(z, batch['label']) + 0.8 * traj
@@ -155,8 +162,8 @@ def test_ema_closed_form_over_three_steps():
   for field, ema_field in (('params', 'ema_params'), ('batch_stats', 'ema_batch_stats')):
     thetas = [getattr(s, field) for s in history]  # theta_0 .. theta_3.
     want = jax.tree.map(
-        lambda t0, t1, t2, t3: beta**3 * t0 + (1 - beta) * (beta**2 * t1 + beta * t2 + t3),
-        *thetas,
+      lambda t0, t1, t2, t3: beta**3 * t0 + (1 - beta) * (beta**2 * t1 + beta * t2 + t3),
+      *thetas,
     )
     _assert_trees_equal(getattr(history[-1], ema_field), want, exact=False)
 
@@ -170,7 +177,7 @@ def test_student_batch_stats_change_exactly_once_per_step(method, active):
   if method == 'mesa':
     hparams['ema_decay'] = 0.9
   step = train_steps.make_train_step(
-      model=model, tx=tx, method=method, trajectory_active=active, **hparams
+    model=model, tx=tx, method=method, trajectory_active=active, **hparams
   )
   new_state, _, _ = jax.jit(step)(state, batch)
   x = batch['image'].reshape(8, -1)
@@ -178,7 +185,7 @@ def test_student_batch_stats_change_exactly_once_per_step(method, active):
   pre_bn_mean = (x @ dense['kernel'] + dense['bias']).mean(0)
   # Momentum 0.9 from zeros: one update gives 0.1 * mean; two would give 0.19 * mean.
   np.testing.assert_allclose(
-      new_state.batch_stats['BatchNorm_0']['mean'], 0.1 * pre_bn_mean, rtol=1e-5, atol=1e-7
+    new_state.batch_stats['BatchNorm_0']['mean'], 0.1 * pre_bn_mean, rtol=1e-5, atol=1e-7
   )
 
 
@@ -211,7 +218,9 @@ def test_ema_transform_validates_and_passes_updates_through():
 
 
 def test_unknown_method_raises():
-  with pytest.raises(ValueError, match=r"config.method.name must be one of \['sgd', 'saf', 'mesa'\]"):
+  with pytest.raises(
+    ValueError, match=r"config.method.name must be one of \['sgd', 'saf', 'mesa'\]"
+  ):
     train_steps.make_train_step(model=None, tx=None, method='sam')
 
 
@@ -221,7 +230,7 @@ def test_eval_step_ignores_padding():
   batch['mask'] = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
   out = train_steps.eval_step(model, state.params, state.batch_stats, batch)
   logits = model.apply(
-      {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
   )
   correct = (np.argmax(logits, -1) == batch['label'])[:5].sum()
   assert float(out['count']) == 5.0

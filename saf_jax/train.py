@@ -1,0 +1,410 @@
+"""The training loop: data, state, SAF's table, evaluation, checkpoints and metrics.
+
+Everything with side effects lives here; steps, losses, transforms and models are pure.
+``train_and_evaluate`` implements Algorithm 1 of Du et al. 2022 for SAF and MESA, and
+vanilla training with the same base optimizer, init, data order and schedule, so runs of
+the three methods with one seed are directly comparable.
+"""
+
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from saf_jax import (
+  checkpoint,
+  input_pipeline,
+  logit_table,
+  metrics,
+  models,
+  sharding,
+  train_state,
+  train_steps,
+  validation,
+)
+
+
+def create_optimizer(
+  opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
+) -> optax.GradientTransformation:
+  """The base optimizer with its per-step learning-rate schedule.
+
+  SGD follows PyTorch's ``torch.optim.SGD`` as used by the paper: weight decay is an L2
+  term added to the gradient before momentum (``add_decayed_weights`` then ``sgd``),
+  momentum without dampening. AdamW decays weights decoupled from the gradient. With
+  ``decay_norm_and_bias=False`` 1-D parameters (biases, BatchNorm scale and bias) are not
+  decayed, as timm's default for the paper's code.
+
+  Args:
+    opt_config: ``config.optimizer``.
+    steps_per_epoch: optimizer steps in one epoch.
+    num_epochs: epochs of the run; the schedule spans all of their steps.
+
+  Returns:
+    An optax transform.
+  """
+  total_steps = steps_per_epoch * num_epochs
+  warmup_steps = int(round(opt_config.warmup_epochs * steps_per_epoch))
+  if opt_config.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(opt_config.lr, total_steps - warmup_steps)
+  else:
+    main = optax.constant_schedule(opt_config.lr)
+  schedule = main
+  if warmup_steps:
+    warmup = optax.linear_schedule(0.0, opt_config.lr, warmup_steps)
+    schedule = optax.join_schedules([warmup, main], [warmup_steps])
+  mask = None
+  if not opt_config.decay_norm_and_bias:
+    mask = functools.partial(jax.tree.map, lambda p: p.ndim > 1)
+  if opt_config.name == 'sgd':
+    return optax.chain(
+      optax.add_decayed_weights(opt_config.weight_decay, mask=mask),
+      optax.sgd(schedule, momentum=opt_config.momentum or None),
+    )
+  return optax.adamw(
+    schedule,
+    b1=opt_config.b1,
+    b2=opt_config.b2,
+    weight_decay=opt_config.weight_decay,
+    mask=mask,
+  )
+
+
+def _with_targets(
+  batches: Iterator[dict[str, np.ndarray]], table: logit_table.LogitTable, epoch: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """Adds SAF's targets to each host batch as it is pulled by the prefetcher."""
+  for batch in batches:
+    batch['target_logits'], batch['target_mask'] = table.gather(batch['index'], epoch=epoch)
+    yield batch
+
+
+def evaluate(eval_fn, params, batch_stats, batches, data_sharding) -> dict[str, float]:
+  """Top-1 accuracy and mean cross-entropy over every (unpadded) example of ``batches``."""
+  totals = None
+  for batch in batches:
+    out = eval_fn(params, batch_stats, jax.device_put(batch, data_sharding))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  return {
+    'accuracy': float(totals['correct'] / totals['count']),
+    'loss': float(totals['loss_sum'] / totals['count']),
+  }
+
+
+def _check_finite(step_metrics: list[dict[str, np.ndarray]], first_step: int) -> None:
+  for i, m in enumerate(step_metrics):
+    bad = [k for k, v in m.items() if not np.all(np.isfinite(v))]
+    if bad:
+      raise FloatingPointError(
+        f'Non-finite {bad} at step {first_step + i}; training stopped. The last good '
+        'checkpoint in the workdir is untouched.'
+      )
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything static that one config derives: model, optimizer, shapes, compiled steps.
+
+  Both ``train_and_evaluate`` and ``saf_jax.benchmark`` run their steps through
+  :meth:`run_steps`, so the benchmark times exactly the training loop's work (data,
+  SAF's table reads and writes, the step).
+
+  Attributes:
+    config: the run's config.
+    info: the dataset's metadata (``num_train``, ``num_classes``, ``image_shape``, ...).
+    model: the Flax module.
+    tx: the base optimizer.
+    steps_per_epoch: full batches per epoch (``drop_remainder``).
+    mesh: the device mesh, one axis 'data'.
+    abstract_state: ``jax.ShapeDtypeStruct`` tree of the ``TrainState``, with shardings.
+  """
+
+  config: ml_collections.ConfigDict
+  info: Any
+  model: Any
+  tx: optax.GradientTransformation
+  steps_per_epoch: int
+  mesh: Any
+  abstract_state: Any
+  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def method(self) -> str:
+    return self.config.method.name
+
+  @property
+  def repl(self):
+    return sharding.replicated(self.mesh)
+
+  @property
+  def data(self):
+    return sharding.data_sharded(self.mesh)
+
+  def trajectory_active(self, epoch: int) -> bool:
+    """Algorithm 1, line 10: the trajectory loss is added in epochs ``> E_start``."""
+    return self.method != 'sgd' and epoch > self.config.method[self.method].E_start
+
+  def init_state(self) -> train_state.TrainState:
+    """The initial state, created already sharded (replicated) on the mesh."""
+    return jax.jit(self._init_fn, out_shardings=self.repl)(self._rng_init())
+
+  def _rng_init(self) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(self.config.seed), 0)
+
+  def _init_fn(self, rng):
+    return train_state.create_train_state(
+      self.model, self.tx, rng=rng, image_shape=self.info.image_shape, method=self.method
+    )
+
+  def new_table(self) -> logit_table.LogitTable | None:
+    """SAF's empty logit table (None for other methods)."""
+    if self.method != 'saf':
+      return None
+    saf = self.config.method.saf
+    return logit_table.LogitTable(
+      self.info.num_train, self.info.num_classes, E_tilde=saf.E_tilde, dtype=saf.table_dtype
+    )
+
+  def _batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    batch_size, data = self.config.input.batch_size, self.data
+    vec = functools.partial(jax.ShapeDtypeStruct, (batch_size,), sharding=data)
+    spec = {
+      'image': jax.ShapeDtypeStruct(
+        (batch_size, *self.info.image_shape), jnp.float32, sharding=data
+      ),
+      'label': vec(jnp.int32),
+      'index': vec(jnp.int32),
+    }
+    if self.method == 'saf':
+      spec['target_logits'] = jax.ShapeDtypeStruct(
+        (batch_size, self.info.num_classes), jnp.float32, sharding=data
+      )
+      spec['target_mask'] = vec(jnp.float32)
+    return spec
+
+  def compiled_step(self, active: bool):
+    """The train step for epochs with (``active``) or without the trajectory loss.
+
+    Compiled ahead of time with explicit shardings (state replicated, batch split over
+    'data') and the old state donated.
+    """
+    if active in self._compiled:
+      return self._compiled[active]
+    hparams = {}
+    if self.method != 'sgd':
+      hp = self.config.method[self.method]
+      hparams = {'lam': hp.lam, 'tau': hp.tau}
+      if self.method == 'mesa':
+        hparams['ema_decay'] = hp.ema_decay
+    step = train_steps.make_train_step(
+      model=self.model, tx=self.tx, method=self.method, trajectory_active=active, **hparams
+    )
+    jitted = jax.jit(
+      step,
+      in_shardings=(self.repl, self.data),
+      out_shardings=(self.repl, self.repl, self.data),
+      donate_argnums=0,
+    )
+    self._compiled[active] = jitted.lower(self.abstract_state, self._batch_spec()).compile()
+    return self._compiled[active]
+
+  def run_steps(
+    self,
+    state: train_state.TrainState,
+    host_batches: Iterator[dict[str, np.ndarray]],
+    *,
+    epoch: int,
+    table: logit_table.LogitTable | None,
+    num_steps: int | None = None,
+    desc: str | None = None,
+  ) -> tuple[train_state.TrainState, list[dict[str, np.ndarray]], float]:
+    """Runs up to ``num_steps`` steps of epoch ``epoch`` over ``host_batches``.
+
+    For SAF each batch's targets are gathered from ``table`` when the prefetcher pulls
+    it (Algorithm 1, line 5) and the step's own logits are written back asynchronously
+    (line 4); the table is flushed before returning.
+
+    Returns:
+      ``(state, per-step metrics as numpy scalars, seconds)``, where the time runs from
+      the first batch request until the last step's results are ready.
+    """
+    step_fn = self.compiled_step(self.trajectory_active(epoch))
+    if num_steps is not None:
+      host_batches = itertools.islice(host_batches, num_steps)
+    if table is not None:
+      host_batches = _with_targets(host_batches, table, epoch)
+    batches = sharding.prefetch_to_device(
+      host_batches, size=self.config.input.prefetch, sharding=self.data
+    )
+    step_metrics = []
+    start = time.perf_counter()
+    bar = None
+    if desc is not None:
+      bar = tqdm.tqdm(batches, total=num_steps or self.steps_per_epoch, desc=desc, leave=False)
+      batches = bar
+    for i, (host_batch, batch) in enumerate(batches):
+      state, step_out, logits = step_fn(state, batch)
+      if table is not None:
+        table.write_async(host_batch['index'], logits, epoch=epoch)  # Algorithm 1, line 4.
+      step_metrics.append(step_out)
+      if bar is not None and (i + 1) % self.config.log_every_steps == 0:
+        bar.set_postfix(loss=f'{float(step_out["loss"]):.4f}')
+    if bar is not None:
+      bar.close()
+    if table is not None:
+      table.flush()
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    return state, jax.device_get(step_metrics), seconds
+
+
+def build_experiment(config: ml_collections.ConfigDict, info: Any) -> Experiment:
+  """Derives the model, optimizer, mesh and shapes of a validated ``config``.
+
+  Raises:
+    ValueError: if the batch size exceeds the number of training examples.
+  """
+  batch_size = config.input.batch_size
+  steps_per_epoch = info.num_train // batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(
+      f'config.input.batch_size must be <= the number of training examples '
+      f'({info.num_train}), got {batch_size}.'
+    )
+  mesh = sharding.create_mesh(config.mesh.data)
+  model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+  model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
+  tx = create_optimizer(
+    config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
+  )
+  exp = Experiment(
+    config=config,
+    info=info,
+    model=model,
+    tx=tx,
+    steps_per_epoch=steps_per_epoch,
+    mesh=mesh,
+    abstract_state=None,
+  )
+  exp.abstract_state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.repl),
+    jax.eval_shape(exp._init_fn, exp._rng_init()),
+  )
+  return exp
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config.method.name`` and evaluates it; resumes from ``workdir`` if possible.
+
+  Args:
+    config: see ``configs/default.py``.
+    workdir: output directory: ``config.json``, ``metrics.jsonl``, ``checkpoints/``.
+
+  Returns:
+    The last epoch's metrics record (also the last line of ``metrics.jsonl``).
+
+  Raises:
+    ValueError: an invalid config field, or a workdir holding an incompatible run; raised
+      before any compilation and before anything is written.
+    DataNotFoundError: when the dataset is neither prepared nor obtainable.
+    FloatingPointError: on a non-finite loss or gradient (names the step).
+  """
+  wall_start = time.perf_counter()
+  validation.validate_config(config, num_devices=jax.device_count())
+  checkpoint.check_workdir(config, workdir)
+  datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
+  exp = build_experiment(config, datasets.info)
+  method = exp.method
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.write_config(config, workdir)
+  logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
+
+  table = exp.new_table()
+  if table is not None:
+    logging.info('SAF logit table: %.1f MB on the host.', table.nbytes / 2**20)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep)
+  start_epoch = 1
+  latest = ckpt.latest_epoch()
+  if latest is not None:
+    state, table_arrays, meta = ckpt.restore(
+      latest, exp.abstract_state, table.state_dict() if table else None
+    )
+    if table is not None:
+      table = logit_table.LogitTable(
+        table.num_examples,
+        table.num_classes,
+        E_tilde=table.E_tilde,
+        dtype=config.method.saf.table_dtype,
+        **table_arrays,
+      )
+    start_epoch = meta['epoch'] + 1
+    logging.info('Resumed after epoch %d (step %d).', meta['epoch'], meta['step'])
+  else:
+    state = exp.init_state()
+  writer = metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1)
+
+  eval_fn = jax.jit(functools.partial(train_steps.eval_step, exp.model))
+  batch_size = config.input.batch_size
+  record: dict[str, Any] = {}
+  for epoch in range(start_epoch, config.num_epochs + 1):
+    active = exp.trajectory_active(epoch)
+    exp.compiled_step(active)  # Compile outside the timed loop.
+    state, step_metrics, seconds = exp.run_steps(
+      state,
+      datasets.train_epoch(epoch, batch_size=batch_size),
+      epoch=epoch,
+      table=table,
+      desc=f'{method} epoch {epoch}/{config.num_epochs}',
+    )
+    _check_finite(step_metrics, first_step=(epoch - 1) * exp.steps_per_epoch + 1)
+
+    record = {'epoch': epoch, 'step': int(jax.device_get(state.step))}
+    for key in step_metrics[0]:
+      record[f'train/{key}'] = float(np.mean([m[key] for m in step_metrics]))
+    record['train/trajectory_active'] = int(active)
+    record['train/images_per_sec'] = len(step_metrics) * batch_size / seconds
+    record['train/epoch_time_sec'] = seconds
+    last = epoch == config.num_epochs
+    if last or epoch % config.eval.every_epochs == 0:
+      batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
+      result = evaluate(eval_fn, state.params, state.batch_stats, batches, exp.data)
+      record.update({f'test/{k}': v for k, v in result.items()})
+      if method == 'mesa':
+        batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
+        result = evaluate(eval_fn, state.ema_params, state.ema_batch_stats, batches, exp.data)
+        record.update({f'test_ema/{k}': v for k, v in result.items()})
+    if last or epoch % config.checkpoint.every_epochs == 0:
+      ckpt.save(epoch, state, table.state_dict() if table else None)
+    writer.write(record)
+    logging.info(
+      'epoch %d: %s',
+      epoch,
+      ', '.join(f'{k}={v:.4g}' for k, v in record.items() if isinstance(v, float)),
+    )
+  ckpt.close()
+
+  wall = time.perf_counter() - wall_start
+  if not record:
+    print(f'method={method}: all {config.num_epochs} epochs were already done in {workdir}.')
+    return record
+  summary = (
+    f'method={method} epochs={config.num_epochs} '
+    f'test/accuracy={record.get("test/accuracy", float("nan")):.4f} '
+  )
+  if 'test_ema/accuracy' in record:
+    summary += f'test_ema/accuracy={record["test_ema/accuracy"]:.4f} '
+  summary += f'images/s={record["train/images_per_sec"]:.0f} wall={wall:.1f}s'
+  print(summary, flush=True)
+  return record

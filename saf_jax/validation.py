@@ -1,0 +1,158 @@
+"""Checks a training config before any data loading, compilation or write to disk.
+
+Every error names the config field and the allowed values, so a bad command line fails
+in a second instead of after a compile, and never touches an existing workdir.
+"""
+
+import ml_collections
+
+from saf_jax import input_pipeline, models, train_steps
+
+OPTIMIZERS = ('sgd', 'adamw')
+SCHEDULES = ('cosine', 'constant')
+TABLE_DTYPES = ('float32', 'bfloat16')
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{field} must be {allowed}, got {value!r}.')
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+  """Raises ``ValueError`` naming the first invalid field of ``config``.
+
+  Args:
+    config: the full training config (see ``configs/default.py``).
+    num_devices: devices the global batch will be split over.
+
+  Raises:
+    ValueError: for an unknown method, model, dataset, optimizer, schedule, augmentation
+      or table dtype; ``E_tilde < 1``; ``E_start < 0``; ``tau <= 0``; ``lam < 0``;
+      ``ema_decay`` outside (0, 1); batch sizes < 1 or not divisible by the devices;
+      non-positive epochs, learning rate or periods.
+  """
+  method = config.method.name
+  _require(
+    method in train_steps.METHODS, 'method.name', method, f'one of {list(train_steps.METHODS)}'
+  )
+  _require(
+    config.model.name in models.MODELS,
+    'model.name',
+    config.model.name,
+    f'one of {sorted(models.MODELS)}',
+  )
+  _require(
+    config.input.dataset in input_pipeline.DATASETS,
+    'input.dataset',
+    config.input.dataset,
+    f'one of {list(input_pipeline.DATASETS)}',
+  )
+  _require(
+    config.input.augment in input_pipeline.AUGMENTATIONS,
+    'input.augment',
+    config.input.augment,
+    f'one of {list(input_pipeline.AUGMENTATIONS)}',
+  )
+  _require(_is_int(config.seed), 'seed', config.seed, 'an integer')
+  _require(
+    _is_int(config.num_epochs) and config.num_epochs >= 1,
+    'num_epochs',
+    config.num_epochs,
+    'an integer >= 1',
+  )
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config.input[field]
+    _require(_is_int(value) and value >= 1, f'input.{field}', value, 'an integer >= 1')
+    _require(
+      value % num_devices == 0,
+      f'input.{field}',
+      value,
+      f'divisible by the number of devices ({num_devices})',
+    )
+  for field in ('num_train_examples', 'num_test_examples'):
+    value = config.input[field]
+    _require(_is_int(value) and (value == -1 or value >= 1), f'input.{field}', value, '-1 or >= 1')
+  _require(
+    _is_int(config.input.prefetch) and config.input.prefetch >= 1,
+    'input.prefetch',
+    config.input.prefetch,
+    'an integer >= 1',
+  )
+
+  opt = config.optimizer
+  _require(opt.name in OPTIMIZERS, 'optimizer.name', opt.name, f'one of {list(OPTIMIZERS)}')
+  _require(
+    opt.schedule in SCHEDULES, 'optimizer.schedule', opt.schedule, f'one of {list(SCHEDULES)}'
+  )
+  _require(_is_number(opt.lr) and opt.lr > 0, 'optimizer.lr', opt.lr, 'a number > 0')
+  _require(
+    _is_number(opt.weight_decay) and opt.weight_decay >= 0,
+    'optimizer.weight_decay',
+    opt.weight_decay,
+    'a number >= 0',
+  )
+  _require(
+    _is_number(opt.momentum) and 0 <= opt.momentum < 1,
+    'optimizer.momentum',
+    opt.momentum,
+    'in [0, 1)',
+  )
+  _require(
+    _is_number(opt.warmup_epochs) and 0 <= opt.warmup_epochs < config.num_epochs,
+    'optimizer.warmup_epochs',
+    opt.warmup_epochs,
+    f'in [0, num_epochs={config.num_epochs})',
+  )
+
+  if method in ('saf', 'mesa'):
+    hp = config.method[method]
+    prefix = f'method.{method}'
+    _require(_is_number(hp.lam) and hp.lam >= 0, f'{prefix}.lam', hp.lam, 'a number >= 0')
+    _require(_is_number(hp.tau) and hp.tau > 0, f'{prefix}.tau', hp.tau, 'a number > 0')
+    _require(
+      _is_int(hp.E_start) and hp.E_start >= 0,
+      f'{prefix}.E_start',
+      hp.E_start,
+      'an integer >= 0',
+    )
+  if method == 'saf':
+    saf = config.method.saf
+    _require(
+      _is_int(saf.E_tilde) and saf.E_tilde >= 1,
+      'method.saf.E_tilde',
+      saf.E_tilde,
+      'an integer >= 1',
+    )
+    _require(
+      saf.table_dtype in TABLE_DTYPES,
+      'method.saf.table_dtype',
+      saf.table_dtype,
+      f'one of {list(TABLE_DTYPES)}',
+    )
+  if method == 'mesa':
+    beta = config.method.mesa.ema_decay
+    _require(
+      _is_number(beta) and 0 < beta < 1,
+      'method.mesa.ema_decay',
+      beta,
+      'in the open interval (0, 1)',
+    )
+  for field in ('eval.every_epochs', 'checkpoint.every_epochs', 'checkpoint.max_to_keep'):
+    section, name = field.split('.')
+    value = config[section][name]
+    _require(_is_int(value) and value >= 1, field, value, 'an integer >= 1')
+  mesh_data = config.mesh.data
+  _require(
+    _is_int(mesh_data) and (mesh_data == -1 or 1 <= mesh_data <= num_devices),
+    'mesh.data',
+    mesh_data,
+    f'-1 or an integer in [1, {num_devices}]',
+  )

@@ -1,0 +1,147 @@
+"""End to end: `python main.py` as a subprocess, on real Fashion-MNIST, like a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import conftest
+
+SMOKE_EPOCHS = 4  # configs/default.py:smoke; E_start = E_tilde = 1 there.
+
+
+def _main(workdir, config_arg, data_dir, *overrides, check=True):
+  cmd = [
+    sys.executable,
+    'main.py',
+    f'--config=configs/default.py:{config_arg}',
+    f'--workdir={workdir}',
+    f'--config.input.data_dir={data_dir}',
+    *overrides,
+  ]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.run(
+    cmd, cwd=conftest.REPO_ROOT, capture_output=True, text=True, env=env, timeout=900
+  )
+  if check and proc.returncode != 0:
+    raise AssertionError(f'main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def smoke_runs(fashion_mnist_data_dir, tmp_path_factory):
+  """One smoke run of each method, same seed: {method: (workdir, records, stdout)}."""
+  runs = {}
+  for method in ('sgd', 'saf', 'mesa'):
+    workdir = str(tmp_path_factory.mktemp(method))
+    proc = _main(workdir, f'method={method},smoke', fashion_mnist_data_dir)
+    runs[method] = (workdir, _records(workdir), proc.stdout)
+  return runs
+
+
+@pytest.mark.parametrize('method', ['sgd', 'saf', 'mesa'])
+def test_smoke_run_writes_metrics_and_config(smoke_runs, method):
+  workdir, records, stdout = smoke_runs[method]
+  assert [r['epoch'] for r in records] == list(range(1, SMOKE_EPOCHS + 1))
+  steps_per_epoch = 512 // 64
+  assert [r['step'] for r in records] == [steps_per_epoch * e for e in range(1, 5)]
+  for r in records:
+    for key in (
+      'train/loss',
+      'train/ce_loss',
+      'train/trajectory_loss',
+      'train/images_per_sec',
+      'test/accuracy',
+      'test/loss',
+    ):
+      assert np.isfinite(r[key]), key
+    # The total is CE + lam * trajectory (per step, so also in the epoch mean).
+    lam = {'sgd': 0.0, 'saf': 0.3, 'mesa': 0.8}[method]
+    np.testing.assert_allclose(
+      r['train/loss'], r['train/ce_loss'] + lam * r['train/trajectory_loss'], rtol=1e-5
+    )
+  # Trajectory loss: 0 in epoch 1 (<= E_start), positive afterwards for SAF and MESA.
+  assert records[0]['train/trajectory_loss'] == 0.0
+  if method != 'sgd':
+    assert all(r['train/trajectory_loss'] > 0 for r in records[1:])
+    assert [r['train/trajectory_active'] for r in records] == [0, 1, 1, 1]
+  # 512 examples, 256 test examples: a trained tiny CNN is well above chance (0.1).
+  assert records[-1]['test/accuracy'] > 0.3
+  assert f'method={method} epochs={SMOKE_EPOCHS} test/accuracy=' in stdout
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['method']['name'] == method
+
+
+def test_saf_table_valid_fraction(smoke_runs):
+  _, records, _ = smoke_runs['saf']
+  # E_tilde = 1 and 512 = 8 * 64 (no example dropped): epoch 1 has no targets, then all.
+  assert [r['train/table_valid_fraction'] for r in records] == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_mesa_reports_ema_accuracy(smoke_runs):
+  _, records, _ = smoke_runs['mesa']
+  assert all(0.0 <= r['test_ema/accuracy'] <= 1.0 for r in records)
+  # EMA (beta = 0.9 in smoke) lags the student: a different model, different numbers.
+  assert any(r['test_ema/loss'] != r['test/loss'] for r in records)
+
+
+def test_methods_share_init_data_order_and_schedule(smoke_runs):
+  # Epoch 1 is before E_start for SAF and MESA: all three are the same SGD run there.
+  first = {m: smoke_runs[m][1][0] for m in smoke_runs}
+  for method in ('saf', 'mesa'):
+    for key in ('train/loss', 'train/accuracy', 'test/accuracy', 'test/loss'):
+      np.testing.assert_allclose(first[method][key], first['sgd'][key], rtol=1e-5, err_msg=key)
+  # After E_start the trajectory loss makes them differ.
+  assert smoke_runs['saf'][1][-1]['train/loss'] != smoke_runs['sgd'][1][-1]['train/loss']
+
+
+def test_resume_after_an_epoch_reproduces_the_run(smoke_runs, fashion_mnist_data_dir, tmp_path):
+  workdir, records, _ = smoke_runs['saf']
+  resumed = tmp_path / 'resumed'
+  # The state after epoch 3, as if the run had stopped during epoch 4.
+  import shutil
+
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '4')
+  _main(str(resumed), 'method=saf,smoke', fashion_mnist_data_dir)
+  again = _records(str(resumed))
+  assert [r['epoch'] for r in again] == [1, 2, 3, 4]
+  for key in ('train/loss', 'train/trajectory_loss', 'test/accuracy', 'test/loss'):
+    np.testing.assert_allclose(again[-1][key], records[-1][key], rtol=1e-6, err_msg=key)
+
+
+def test_bad_value_fails_before_anything_is_written(fashion_mnist_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('keep me')
+  proc = _main(
+    str(workdir),
+    'method=saf,smoke',
+    fashion_mnist_data_dir,
+    '--config.method.saf.tau=0.0',
+    check=False,
+  )
+  assert proc.returncode != 0
+  assert 'config.method.saf.tau must be a number > 0, got 0.0' in proc.stderr
+  assert sorted(os.listdir(workdir)) == ['notes.txt']
+  assert (workdir / 'notes.txt').read_text() == 'keep me'
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(smoke_runs, fashion_mnist_data_dir):
+  workdir, records, _ = smoke_runs['sgd']
+  listing = sorted(os.walk(workdir))
+  proc = _main(
+    workdir, 'method=sgd,smoke', fashion_mnist_data_dir, '--config.model.width=16', check=False
+  )
+  assert proc.returncode != 0
+  assert 'model.width: workdir has 8, config has 16' in proc.stderr
+  assert sorted(os.walk(workdir)) == listing
+  assert _records(workdir) == records

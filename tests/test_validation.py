@@ -1,0 +1,87 @@
+"""Bad configs fail with an error naming the field and the allowed values."""
+
+import pytest
+
+from configs import default
+from saf_jax import checkpoint, validation
+
+
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    ('method.name', 'sam', r"config.method.name must be one of \['sgd', 'saf', 'mesa'\]"),
+    ('model.name', 'vgg', r"config.model.name must be one of \['cnn', 'resnet18'\]"),
+    ('input.dataset', 'svhn', r'config.input.dataset must be one of'),
+    ('input.augment', 'mixup', r'config.input.augment must be one of'),
+    ('method.saf.E_tilde', 0, r'config.method.saf.E_tilde must be an integer >= 1, got 0'),
+    ('method.saf.tau', 0.0, r'config.method.saf.tau must be a number > 0'),
+    ('method.saf.lam', -0.1, r'config.method.saf.lam must be a number >= 0'),
+    ('method.saf.table_dtype', 'float16', r'config.method.saf.table_dtype must be one of'),
+    ('input.batch_size', 0, r'config.input.batch_size must be an integer >= 1, got 0'),
+    ('optimizer.name', 'lamb', r"config.optimizer.name must be one of \['sgd', 'adamw'\]"),
+    ('optimizer.lr', -1.0, r'config.optimizer.lr must be a number > 0'),
+    ('num_epochs', 0, r'config.num_epochs must be an integer >= 1'),
+  ],
+)
+def test_saf_config_errors(field, value, match):
+  config = default.get_config('method=saf')
+  section, _, name = field.rpartition('.')
+  target = config
+  for part in filter(None, section.split('.')):
+    target = target[part]
+  with config.unlocked():
+    target[name] = value
+  with pytest.raises(ValueError, match=match):
+    validation.validate_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize('beta', [0.0, 1.0, 1.5, -0.2])
+def test_mesa_ema_decay_outside_open_unit_interval(beta):
+  config = default.get_config('method=mesa')
+  config.method.mesa.ema_decay = beta
+  with pytest.raises(
+    ValueError, match=r'config.method.mesa.ema_decay must be in the open interval'
+  ):
+    validation.validate_config(config, num_devices=1)
+
+
+def test_mesa_tau_and_lam_are_checked():
+  config = default.get_config('method=mesa')
+  config.method.mesa.tau = -1.0
+  with pytest.raises(ValueError, match='config.method.mesa.tau'):
+    validation.validate_config(config, num_devices=1)
+
+
+def test_batch_must_divide_over_devices():
+  config = default.get_config()
+  config.input.batch_size = 100
+  with pytest.raises(ValueError, match=r'divisible by the number of devices \(8\)'):
+    validation.validate_config(config, num_devices=8)
+
+
+def test_defaults_are_valid():
+  for arg in ('method=sgd', 'method=saf', 'method=mesa', 'method=saf,smoke', 'smoke'):
+    validation.validate_config(default.get_config(arg), num_devices=1)
+
+
+def test_config_argument_errors():
+  with pytest.raises(ValueError, match=r"method must be one of \['sgd', 'saf', 'mesa'\]"):
+    default.get_config('method=sam')
+  with pytest.raises(ValueError, match='allowed: method=<name>, smoke'):
+    default.get_config('fast')
+
+
+def test_incompatible_workdir_is_refused(tmp_path):
+  config = default.get_config('method=saf,smoke')
+  checkpoint.write_config(config, str(tmp_path))
+  before = (tmp_path / 'config.json').read_text()
+  other = default.get_config('method=saf,smoke')
+  other.method.saf.E_tilde = 2
+  other.model.width = 16
+  with pytest.raises(ValueError, match=r'(?s)method.saf.E_tilde: workdir has 1.*model.width'):
+    checkpoint.check_workdir(other, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == before
+  # Fields that do not change training may differ (a resumed run may evaluate less often).
+  same = default.get_config('method=saf,smoke')
+  same.eval.every_epochs = 2
+  checkpoint.check_workdir(same, str(tmp_path))
