@@ -2,9 +2,10 @@ r"""SAF (default), MESA or vanilla SGD on real Fashion-MNIST with a small CNN, o
 
 The default run trains SAF (Du et al. 2022, Algorithm 1) for 8 epochs with the trajectory
 loss active from epoch 3 (``E_start = 2``, ``E_tilde = 2``): the paper's CIFAR recipe
-(``tau = 5``, ``lam = 0.3`` for SAF and 0.8 for MESA, SGD with momentum 0.9, cosine
-decay) with the epoch counts scaled to a short run. Measured on a 2-core CPU: see the
-README's results table.
+(Table 4: ``tau = 5``, ``lam = 0.3`` for SAF and 0.8 for MESA, SGD with momentum 0.9,
+weight decay 5e-4, cosine decay, batch 128, lr 0.05) with the epoch counts (paper: 200
+epochs, ``E_start = 5``, ``E_tilde = 3``) and MESA's EMA horizon scaled to a short run.
+Measured on a 2-core CPU (README, "Results"): SAF reaches 0.907 test top-1 in 6.5 minutes.
 
 Arguments (comma separated, after the file name), as big_vision's configs take them:
   method=sgd|saf|mesa   the training method (default saf).
@@ -66,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Model.
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cnn'  # See saf_jax.models.MODELS.
-  config.model.width = 16  # Channels of the first conv block.
+  config.model.width = 16  # Channels of the first block (the paper's ResNet-18: 64).
 
   # Optimizer (the base optimizer of every method).
   config.optimizer = ml_collections.ConfigDict()
@@ -93,7 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method.mesa.lam = 0.8  # lambda (Eq. 13).
   config.method.mesa.tau = 5.0  # Temperature.
   config.method.mesa.E_start = 2  # Trajectory loss added in epochs > E_start.
-  config.method.mesa.ema_decay = 0.9995  # beta of the EMA teacher (Eq. 10), per step.
+  # beta of the EMA teacher (Eq. 10), per step. The paper's 0.9995 averages over ~2000
+  # steps of a 78k-step CIFAR run; 0.998 keeps a ~500-step (one-epoch) horizon here.
+  config.method.mesa.ema_decay = 0.998
 
   # Eval.
   config.eval = ml_collections.ConfigDict()
@@ -117,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.input.num_test_examples = 256
     config.model.width = 8
     config.method.saf.E_start = 1
-    config.method.saf.E_tilde = 1
+    config.method.saf.E_tilde = 2
     config.method.mesa.E_start = 1
     config.method.mesa.ema_decay = 0.9
   return config

@@ -110,15 +110,21 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, epoch: int, state: Any, table: dict[str, np.ndarray] | None) -> None:
-    """Saves after ``epoch``; blocks until the checkpoint is committed."""
-    self._manager.save(
-      epoch,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        table=ocp.args.StandardSave(table or {}),
-        meta=ocp.args.JsonSave({'epoch': epoch, 'step': int(jax.device_get(state.step))}),
-      ),
-    )
+    """Saves after ``epoch``; blocks until the checkpoint is committed.
+
+    Args:
+      epoch: the epoch just completed (the checkpoint's key).
+      state: the ``TrainState``.
+      table: SAF's ``LogitTable.state_dict()``; None for methods without a table (Orbax
+        refuses an empty item, so there is then no ``table`` item).
+    """
+    items = {
+      'state': ocp.args.StandardSave(state),
+      'meta': ocp.args.JsonSave({'epoch': epoch, 'step': int(jax.device_get(state.step))}),
+    }
+    if table:
+      items['table'] = ocp.args.StandardSave(table)
+    self._manager.save(epoch, args=ocp.args.Composite(**items))
     self._manager.wait_until_finished()
 
   def restore(
@@ -131,14 +137,13 @@ class Checkpointer:
       abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings) like the state.
       abstract_table: ``{'values': ..., 'written_epoch': ...}`` shapes for SAF, else None.
     """
-    restored = self._manager.restore(
-      epoch,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        table=ocp.args.StandardRestore(abstract_table or {}),
-        meta=ocp.args.JsonRestore(),
-      ),
-    )
+    items = {
+      'state': ocp.args.StandardRestore(abstract_state),
+      'meta': ocp.args.JsonRestore(),
+    }
+    if abstract_table:
+      items['table'] = ocp.args.StandardRestore(abstract_table)
+    restored = self._manager.restore(epoch, args=ocp.args.Composite(**items))
     table = None
     if abstract_table:
       table = {k: np.asarray(v) for k, v in restored.table.items()}

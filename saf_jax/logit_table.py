@@ -139,6 +139,13 @@ class LogitTable:
       )
     return ids
 
+  def _check_logits_shape(self, ids: np.ndarray, logits) -> None:
+    if tuple(logits.shape) != (ids.size, self.num_classes):
+      raise ValueError(
+        f'Logits of shape {tuple(logits.shape)} do not match {ids.size} ids x '
+        f'{self.num_classes} classes of the SAF table.'
+      )
+
   def gather(self, ids: np.ndarray, *, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """Reads the targets of epoch ``epoch`` (Algorithm 1, line 5).
 
@@ -175,11 +182,7 @@ class LogitTable:
     """
     ids = self._check_ids(ids)
     logits = np.asarray(logits)
-    if logits.shape != (ids.size, self.num_classes):
-      raise ValueError(
-        f'Logits of shape {logits.shape} do not match {ids.size} ids x '
-        f'{self.num_classes} classes of the SAF table.'
-      )
+    self._check_logits_shape(ids, logits)
     slot = self._slot(epoch)
     self.values[slot, ids] = logits.astype(self.dtype)
     self.written_epoch[slot, ids] = epoch
@@ -192,6 +195,7 @@ class LogitTable:
     """
     self._raise_pending()
     ids = self._check_ids(ids)
+    self._check_logits_shape(ids, logits)  # Shapes are known before the values are.
     if self._writer is None or not self._writer.is_alive():
       self._writer = threading.Thread(target=self._drain, name='saf-table-writer', daemon=True)
       self._writer.start()

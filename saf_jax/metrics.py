@@ -22,9 +22,17 @@ class JsonlWriter:
     kept = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if json.loads(line).get('epoch', 0) <= keep_epochs_up_to]
-    with open(self.path, 'w') as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:  # A line cut short by a crash.
+            continue
+          if record.get('epoch', 0) <= keep_epochs_up_to:
+            kept.append(json.dumps(record) + '\n')
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
       f.writelines(kept)
+    os.replace(tmp, self.path)
 
   def write(self, record: dict[str, Any]) -> None:
     """Appends ``record`` (scalars) as one line; floats are written as Python floats."""

@@ -113,6 +113,10 @@ def _check_finite(step_metrics: list[dict[str, np.ndarray]], first_step: int) ->
       )
 
 
+# Steps between a step's dispatch and the progress bar reading its loss.
+_LAG = 4
+
+
 @dataclasses.dataclass
 class Experiment:
   """Everything static that one config derives: model, optimizer, shapes, compiled steps.
@@ -259,8 +263,10 @@ class Experiment:
       if table is not None:
         table.write_async(host_batch['index'], logits, epoch=epoch)  # Algorithm 1, line 4.
       step_metrics.append(step_out)
-      if bar is not None and (i + 1) % self.config.log_every_steps == 0:
-        bar.set_postfix(loss=f'{float(step_out["loss"]):.4f}')
+      if bar is not None and (i + 1) % self.config.log_every_steps == 0 and i >= _LAG:
+        # A loss from a few steps back is already computed: reading it does not stall
+        # the device queue the way reading this step's loss would.
+        bar.set_postfix(loss=f'{float(step_metrics[-1 - _LAG]["loss"]):.4f}')
     if bar is not None:
       bar.close()
     if table is not None:
@@ -270,8 +276,15 @@ class Experiment:
     return state, jax.device_get(step_metrics), seconds
 
 
-def build_experiment(config: ml_collections.ConfigDict, info: Any) -> Experiment:
+def build_experiment(
+  config: ml_collections.ConfigDict, info: Any, *, model: Any = None
+) -> Experiment:
   """Derives the model, optimizer, mesh and shapes of a validated ``config``.
+
+  Args:
+    config: a validated config.
+    info: the dataset's ``DatasetInfo``.
+    model: a Flax module to use instead of ``config.model`` (tests, custom models).
 
   Raises:
     ValueError: if the batch size exceeds the number of training examples.
@@ -284,8 +297,9 @@ def build_experiment(config: ml_collections.ConfigDict, info: Any) -> Experiment
       f'({info.num_train}), got {batch_size}.'
     )
   mesh = sharding.create_mesh(config.mesh.data)
-  model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
+  if model is None:
+    model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+    model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
   tx = create_optimizer(
     config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
   )
@@ -333,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   table = exp.new_table()
   if table is not None:
-    logging.info('SAF logit table: %.1f MB on the host.', table.nbytes / 2**20)
+    logging.info('SAF logit table: %.2f MiB on the host.', table.nbytes / 2**20)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep)
   start_epoch = 1
   latest = ckpt.latest_epoch()
@@ -385,9 +399,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
         result = evaluate(eval_fn, state.ema_params, state.ema_batch_stats, batches, exp.data)
         record.update({f'test_ema/{k}': v for k, v in result.items()})
+    # Metrics first: a resumed run drops records past its checkpoint, never misses one.
+    writer.write(record)
     if last or epoch % config.checkpoint.every_epochs == 0:
       ckpt.save(epoch, state, table.state_dict() if table else None)
-    writer.write(record)
     logging.info(
       'epoch %d: %s',
       epoch,

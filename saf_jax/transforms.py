@@ -91,9 +91,9 @@ def ema_params(ema_decay: float) -> optax.GradientTransformationExtraArgs:
   _check_decay(ema_decay)
 
   def init_fn(params):
-    return EmaParamsState(
-      count=jnp.zeros([], jnp.int32), ema_params=jax.tree.map(jnp.asarray, params)
-    )
+    # A copy, not an alias: a step that donates params and opt_state must not donate
+    # one buffer twice.
+    return EmaParamsState(count=jnp.zeros([], jnp.int32), ema_params=jax.tree.map(jnp.copy, params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args

@@ -31,7 +31,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 
   Args:
     config: the full training config (see ``configs/default.py``).
-    num_devices: devices the global batch will be split over.
+    num_devices: devices available; ``config.mesh.data`` may use fewer.
 
   Raises:
     ValueError: for an unknown method, model, dataset, optimizer, schedule, augmentation
@@ -39,6 +39,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       ``ema_decay`` outside (0, 1); batch sizes < 1 or not divisible by the devices;
       non-positive epochs, learning rate or periods.
   """
+  mesh_data = config.mesh.data
+  _require(
+    _is_int(mesh_data) and (mesh_data == -1 or 1 <= mesh_data <= num_devices),
+    'mesh.data',
+    mesh_data,
+    f'-1 or an integer in [1, {num_devices}]',
+  )
+  if mesh_data != -1:
+    num_devices = mesh_data  # The batch is split over the mesh, not all devices.
   method = config.method.name
   _require(
     method in train_steps.METHODS, 'method.name', method, f'one of {list(train_steps.METHODS)}'
@@ -62,6 +71,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     f'one of {list(input_pipeline.AUGMENTATIONS)}',
   )
   _require(_is_int(config.seed), 'seed', config.seed, 'an integer')
+  _require(
+    _is_int(config.log_every_steps) and config.log_every_steps >= 1,
+    'log_every_steps',
+    config.log_every_steps,
+    'an integer >= 1',
+  )
+  if 'width' in config.model:
+    width = config.model.width
+    _require(_is_int(width) and width >= 1, 'model.width', width, 'an integer >= 1')
   _require(
     _is_int(config.num_epochs) and config.num_epochs >= 1,
     'num_epochs',
@@ -105,6 +123,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     opt.momentum,
     'in [0, 1)',
   )
+  for beta in ('b1', 'b2'):
+    _require(
+      _is_number(opt[beta]) and 0 <= opt[beta] < 1, f'optimizer.{beta}', opt[beta], 'in [0, 1)'
+    )
   _require(
     _is_number(opt.warmup_epochs) and 0 <= opt.warmup_epochs < config.num_epochs,
     'optimizer.warmup_epochs',
@@ -149,10 +171,3 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     section, name = field.split('.')
     value = config[section][name]
     _require(_is_int(value) and value >= 1, field, value, 'an integer >= 1')
-  mesh_data = config.mesh.data
-  _require(
-    _is_int(mesh_data) and (mesh_data == -1 or 1 <= mesh_data <= num_devices),
-    'mesh.data',
-    mesh_data,
-    f'-1 or an integer in [1, {num_devices}]',
-  )

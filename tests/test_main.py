@@ -10,7 +10,7 @@ import pytest
 
 from tests import conftest
 
-SMOKE_EPOCHS = 4  # configs/default.py:smoke; E_start = E_tilde = 1 there.
+SMOKE_EPOCHS = 4  # configs/default.py:smoke: E_start = 1 and, for SAF, E_tilde = 2.
 
 
 def _main(workdir, config_arg, data_dir, *overrides, check=True):
@@ -68,11 +68,14 @@ def test_smoke_run_writes_metrics_and_config(smoke_runs, method):
     np.testing.assert_allclose(
       r['train/loss'], r['train/ce_loss'] + lam * r['train/trajectory_loss'], rtol=1e-5
     )
-  # Trajectory loss: 0 in epoch 1 (<= E_start), positive afterwards for SAF and MESA.
+  # Trajectory loss: 0 in epoch 1 (<= E_start), positive afterwards for SAF and MESA,
+  # except SAF's epoch 2, whose targets (epoch 2 - E_tilde = 0) do not exist: all masked.
   assert records[0]['train/trajectory_loss'] == 0.0
   if method != 'sgd':
-    assert all(r['train/trajectory_loss'] > 0 for r in records[1:])
     assert [r['train/trajectory_active'] for r in records] == [0, 1, 1, 1]
+    first_valid = 2 if method == 'saf' else 1
+    assert all(r['train/trajectory_loss'] == 0 for r in records[:first_valid])
+    assert all(r['train/trajectory_loss'] > 0 for r in records[first_valid:])
   # 512 examples, 256 test examples: a trained tiny CNN is well above chance (0.1).
   assert records[-1]['test/accuracy'] > 0.3
   assert f'method={method} epochs={SMOKE_EPOCHS} test/accuracy=' in stdout
@@ -82,8 +85,8 @@ def test_smoke_run_writes_metrics_and_config(smoke_runs, method):
 
 def test_saf_table_valid_fraction(smoke_runs):
   _, records, _ = smoke_runs['saf']
-  # E_tilde = 1 and 512 = 8 * 64 (no example dropped): epoch 1 has no targets, then all.
-  assert [r['train/table_valid_fraction'] for r in records] == [0.0, 1.0, 1.0, 1.0]
+  # E_tilde = 2 and 512 = 8 * 64 (no example dropped): epochs 1 and 2 have no targets.
+  assert [r['train/table_valid_fraction'] for r in records] == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_mesa_reports_ema_accuracy(smoke_runs):
@@ -106,7 +109,8 @@ def test_methods_share_init_data_order_and_schedule(smoke_runs):
 def test_resume_after_an_epoch_reproduces_the_run(smoke_runs, fashion_mnist_data_dir, tmp_path):
   workdir, records, _ = smoke_runs['saf']
   resumed = tmp_path / 'resumed'
-  # The state after epoch 3, as if the run had stopped during epoch 4.
+  # The state after epoch 3, as if the run had stopped during epoch 4. With E_tilde = 2
+  # epoch 4 reads the rows written in epoch 2 from the restored table.
   import shutil
 
   shutil.copytree(workdir, resumed)

@@ -1,5 +1,7 @@
 """Train steps: lam=0 reduces SAF/MESA to SGD, the EMA closed form, BatchNorm updated once."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,23 @@ def test_positive_lam_changes_the_update(method, extra):
   assert max(jax.tree.leaves(diff)) > 1e-6
 
 
+def _manual_sgd_update(model, tx, state, batch, target_logits, mask, *, lam, tau):
+  """Params after one step on CE + lam * trajectory_loss, written out directly."""
+
+  def loss(params):
+    z, _ = model.apply(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    traj = losses.trajectory_loss(z, target_logits, temperature=tau, mask=mask)
+    return losses.cross_entropy(z, batch['label']) + lam * traj
+
+  updates, _ = tx.update(jax.grad(loss)(state.params), state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates)
+
+
 def test_saf_gradient_is_ce_plus_lam_masked_trajectory():
   model, tx, state = _setup('saf')
   batch = _batches(1)[0]
@@ -98,23 +117,24 @@ def test_saf_gradient_is_ce_plus_lam_masked_trajectory():
   )
   new_state, metrics, logits = jax.jit(step)(state, batch)
 
-  def manual_loss(params):
-    z, _ = model.apply(
-      {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
-      train=True,
-      mutable=['batch_stats'],
-    )
-    traj = losses.trajectory_loss(
-      z, batch['target_logits'], temperature=tau, mask=batch['target_mask']
-    )
-    return losses.cross_entropy(z, batch['label']) + lam * traj
-
-  grads = jax.grad(manual_loss)(state.params)
-  updates, _ = tx.update(grads, state.opt_state, state.params)
-  _assert_trees_equal(new_state.params, optax.apply_updates(state.params, updates), exact=False)
+  want = _manual_sgd_update(
+    model, tx, state, batch, batch['target_logits'], batch['target_mask'], lam=lam, tau=tau
+  )
+  _assert_trees_equal(new_state.params, want, exact=False)
   np.testing.assert_allclose(metrics['table_valid_fraction'], batch['target_mask'].mean())
-  assert logits.shape == (8, NUM_CLASSES)  # The training forward's own logits come back.
+  # The logits returned for the table are the training forward's own (Algorithm 1,
+  # line 4): train-mode BatchNorm, the pre-update params.
+  train_logits, _ = model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    batch['image'],
+    train=True,
+    mutable=['batch_stats'],
+  )
+  np.testing.assert_allclose(logits, train_logits, rtol=1e-6, atol=1e-6)
+  eval_logits = model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+  )
+  assert np.abs(np.asarray(logits) - np.asarray(eval_logits)).max() > 1e-3
 
 
 def test_mesa_teacher_is_eval_mode_ema_without_gradient():
@@ -141,19 +161,9 @@ def test_mesa_teacher_is_eval_mode_ema_without_gradient():
     train=False,
   )
 
-  def manual_loss(params):
-    z, _ = model.apply(
-      {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
-      train=True,
-      mutable=['batch_stats'],
-    )
-    traj = losses.trajectory_loss(z, teacher, temperature=5.0)  # teacher: a constant.
-    return losses.cross_entropy(z, batch['label']) + 0.8 * traj
-
-  grads = jax.grad(manual_loss)(state.params)
-  updates, _ = tx.update(grads, state.opt_state, state.params)
-  _assert_trees_equal(new_state.params, optax.apply_updates(state.params, updates), exact=False)
+  # The teacher's eval-mode logits of the EMA weights enter as a constant target.
+  want = _manual_sgd_update(model, tx, state, batch, teacher, None, lam=0.8, tau=5.0)
+  _assert_trees_equal(new_state.params, want, exact=False)
 
 
 def test_ema_closed_form_over_three_steps():
@@ -215,6 +225,20 @@ def test_ema_transform_validates_and_passes_updates_through():
   np.testing.assert_allclose(state.ema_params['w'], [1.5, 2.5])  # 0.5*[1,2] + 0.5*[2,3].
   with pytest.raises(ValueError, match='params'):
     tx.update(updates, state)
+
+
+def test_ema_transform_state_can_be_donated_with_params():
+  tx = optax.chain(optax.sgd(0.1), transforms.ema_params(ema_decay=0.9))
+  params = {'w': jnp.ones((3,))}
+  opt_state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state):
+    updates, opt_state = tx.update({'w': jnp.ones((3,))}, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = step(params, opt_state)  # Would fail if the EMA aliased params.
+  np.testing.assert_allclose(transforms.get_ema_params(opt_state)['w'], 0.9 + 0.1 * 0.9)
 
 
 def test_unknown_method_raises():

@@ -21,6 +21,10 @@ from saf_jax import checkpoint, validation
     ('optimizer.name', 'lamb', r"config.optimizer.name must be one of \['sgd', 'adamw'\]"),
     ('optimizer.lr', -1.0, r'config.optimizer.lr must be a number > 0'),
     ('num_epochs', 0, r'config.num_epochs must be an integer >= 1'),
+    ('log_every_steps', 0, r'config.log_every_steps must be an integer >= 1, got 0'),
+    ('model.width', 0, r'config.model.width must be an integer >= 1, got 0'),
+    ('optimizer.b2', 1.0, r'config.optimizer.b2 must be in \[0, 1\), got 1.0'),
+    ('mesh.data', 2, r'config.mesh.data must be -1 or an integer in \[1, 1\], got 2'),
   ],
 )
 def test_saf_config_errors(field, value, match):
@@ -76,9 +80,9 @@ def test_incompatible_workdir_is_refused(tmp_path):
   checkpoint.write_config(config, str(tmp_path))
   before = (tmp_path / 'config.json').read_text()
   other = default.get_config('method=saf,smoke')
-  other.method.saf.E_tilde = 2
+  other.method.saf.E_tilde = 3
   other.model.width = 16
-  with pytest.raises(ValueError, match=r'(?s)method.saf.E_tilde: workdir has 1.*model.width'):
+  with pytest.raises(ValueError, match=r'(?s)method.saf.E_tilde: workdir has 2, config has 3.*model.width'):
     checkpoint.check_workdir(other, str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == before
   # Fields that do not change training may differ (a resumed run may evaluate less often).
