@@ -103,11 +103,26 @@ def test_logits_shape_must_match_ids_and_classes():
     table.write(np.arange(4), np.zeros((3, 3), np.float32), epoch=1)
 
 
-def test_async_write_error_is_raised_in_caller():
+def test_async_write_checks_shape_at_once_and_reraises_background_errors():
   table = logit_table.LogitTable(10, 3, E_tilde=1)
-  table.write_async(np.arange(2), jnp.zeros((2, 7)), epoch=1)  # Wrong width.
   with pytest.raises(ValueError, match='do not match'):
+    table.write_async(np.arange(2), jnp.zeros((2, 7)), epoch=1)  # Shape known up front.
+
+  class _FailsOnTransfer:
+    """Right shape, but reading its values fails (as a failed device computation would)."""
+
+    shape = (2, 3)
+
+    def __array__(self, dtype=None, copy=None):
+      raise RuntimeError('device computation failed')
+
+  table.write_async(np.arange(2), _FailsOnTransfer(), epoch=1)
+  with pytest.raises(RuntimeError, match='device computation failed'):
     table.flush()
+  table.flush()  # The error is reported once; the table keeps working.
+  table.write_async(np.arange(2), jnp.ones((2, 3)), epoch=1)
+  table.flush()
+  np.testing.assert_array_equal(table.gather(np.arange(2), epoch=2)[1], [1, 1])
 
 
 def test_bad_construction_raises():

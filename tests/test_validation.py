@@ -82,7 +82,9 @@ def test_incompatible_workdir_is_refused(tmp_path):
   other = default.get_config('method=saf,smoke')
   other.method.saf.E_tilde = 3
   other.model.width = 16
-  with pytest.raises(ValueError, match=r'(?s)method.saf.E_tilde: workdir has 2, config has 3.*model.width'):
+  with pytest.raises(
+    ValueError, match=r'(?s)method.saf.E_tilde: workdir has 2, config has 3.*model.width'
+  ):
     checkpoint.check_workdir(other, str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == before
   # Fields that do not change training may differ (a resumed run may evaluate less often).
