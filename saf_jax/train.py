@@ -391,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     record['train/images_per_sec'] = len(step_metrics) * batch_size / seconds
     record['train/epoch_time_sec'] = seconds
     last = epoch == config.num_epochs
+    eval_start = time.perf_counter()
     if last or epoch % config.eval.every_epochs == 0:
       batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
       result = evaluate(eval_fn, state.params, state.batch_stats, batches, exp.data)
@@ -399,10 +400,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
         result = evaluate(eval_fn, state.ema_params, state.ema_batch_stats, batches, exp.data)
         record.update({f'test_ema/{k}': v for k, v in result.items()})
+    record['eval_time_sec'] = time.perf_counter() - eval_start
     # Metrics first: a resumed run drops records past its checkpoint, never misses one.
     writer.write(record)
     if last or epoch % config.checkpoint.every_epochs == 0:
+      save_start = time.perf_counter()
       ckpt.save(epoch, state, table.state_dict() if table else None)
+      logging.info('Checkpoint after epoch %d: %.1f s.', epoch, time.perf_counter() - save_start)
     logging.info(
       'epoch %d: %s',
       epoch,
