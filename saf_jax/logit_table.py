@@ -64,22 +64,17 @@ class LogitTable:
     *,
     E_tilde: int,
     dtype: str = 'float32',
-    values: np.ndarray | None = None,
-    written_epoch: np.ndarray | None = None,
   ):
-    """Creates an empty table, or one holding restored ``values`` and ``written_epoch``.
+    """Creates an empty table (every row never written).
 
     Args:
       num_examples: number of training examples (ids), > 0.
       num_classes: number of logits per example, > 0.
       E_tilde: :math:`\\tilde E \\ge 1`, the look-back in epochs (Eq. 9).
       dtype: storage dtype name, 'float32' (default) or 'bfloat16' (half the memory).
-      values: optional [E_tilde, num_examples, num_classes] array to restore.
-      written_epoch: optional int32 [E_tilde, num_examples] array to restore.
 
     Raises:
-      ValueError: on a non-positive size, ``E_tilde < 1``, an unknown ``dtype``, or
-        restored arrays of the wrong shape.
+      ValueError: on a non-positive size, ``E_tilde < 1`` or an unknown ``dtype``.
     """
     if num_examples < 1 or num_classes < 1:
       raise ValueError(
@@ -97,17 +92,8 @@ class LogitTable:
     self.E_tilde = int(E_tilde)
     self.dtype = _DTYPES[dtype]
     shape = (self.E_tilde, self.num_examples, self.num_classes)
-    if values is None:
-      values = np.zeros(shape, self.dtype)
-    if written_epoch is None:
-      written_epoch = np.full(shape[:2], NEVER_WRITTEN, np.int32)
-    if values.shape != shape or written_epoch.shape != shape[:2]:
-      raise ValueError(
-        f'Restored SAF table has shapes {values.shape} and {written_epoch.shape}; this '
-        f'run needs {shape} and {shape[:2]} (num_examples, num_classes or E_tilde differ).'
-      )
-    self.values = np.asarray(values, self.dtype)
-    self.written_epoch = np.asarray(written_epoch, np.int32)
+    self.values = np.zeros(shape, self.dtype)
+    self.written_epoch = np.full(shape[:2], NEVER_WRITTEN, np.int32)
     self._queue: queue.Queue = queue.Queue(maxsize=64)
     self._error: BaseException | None = None
     self._writer: threading.Thread | None = None
@@ -230,6 +216,24 @@ class LogitTable:
     return float(np.mean(self.written_epoch[slot] == epoch - self.E_tilde))
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    """The arrays to checkpoint; call :meth:`flush` first."""
+    """The arrays to checkpoint, after every queued write has landed."""
     self.flush()
     return {'values': self.values, 'written_epoch': self.written_epoch}
+
+  def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+    """Restores the arrays of :meth:`state_dict` into this table.
+
+    Raises:
+      ValueError: if their shapes are not this table's (another ``num_examples``,
+        ``num_classes`` or ``E_tilde``).
+    """
+    self.flush()
+    values, written_epoch = arrays['values'], arrays['written_epoch']
+    if values.shape != self.values.shape or written_epoch.shape != self.written_epoch.shape:
+      raise ValueError(
+        f'Restored SAF table has shapes {values.shape} and {written_epoch.shape}; this run '
+        f'needs {self.values.shape} and {self.written_epoch.shape} (num_examples, '
+        'num_classes or E_tilde differ).'
+      )
+    self.values = np.asarray(values, self.dtype)
+    self.written_epoch = np.asarray(written_epoch, np.int32)

@@ -356,13 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       latest, exp.abstract_state, table.state_dict() if table else None
     )
     if table is not None:
-      table = logit_table.LogitTable(
-        table.num_examples,
-        table.num_classes,
-        E_tilde=table.E_tilde,
-        dtype=config.method.saf.table_dtype,
-        **table_arrays,
-      )
+      table.load_state_dict(table_arrays)
     start_epoch = meta['epoch'] + 1
     logging.info('Resumed after epoch %d (step %d).', meta['epoch'], meta['step'])
   else:
@@ -393,13 +387,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last = epoch == config.num_epochs
     eval_start = time.perf_counter()
     if last or epoch % config.eval.every_epochs == 0:
-      batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
-      result = evaluate(eval_fn, state.params, state.batch_stats, batches, exp.data)
-      record.update({f'test/{k}': v for k, v in result.items()})
+      weights = {'test': (state.params, state.batch_stats)}
       if method == 'mesa':
+        weights['test_ema'] = (state.ema_params, state.ema_batch_stats)
+      for prefix, (params, batch_stats) in weights.items():
         batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
-        result = evaluate(eval_fn, state.ema_params, state.ema_batch_stats, batches, exp.data)
-        record.update({f'test_ema/{k}': v for k, v in result.items()})
+        result = evaluate(eval_fn, params, batch_stats, batches, exp.data)
+        record.update({f'{prefix}/{k}': v for k, v in result.items()})
     record['eval_time_sec'] = time.perf_counter() - eval_start
     # Metrics first: a resumed run drops records past its checkpoint, never misses one.
     writer.write(record)

@@ -142,3 +142,15 @@ def test_bfloat16_storage_halves_memory_and_rounds():
   targets, mask = bf16.gather(np.array([5]), epoch=4)
   assert mask[0] == 1 and targets.dtype == np.float32
   np.testing.assert_array_equal(targets, logits.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_load_state_dict_restores_and_checks_shapes():
+  table = logit_table.LogitTable(5, 2, E_tilde=2)
+  table.write(np.array([1, 3]), np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), epoch=1)
+  restored = logit_table.LogitTable(5, 2, E_tilde=2)
+  restored.load_state_dict(table.state_dict())
+  targets, mask = restored.gather(np.array([1, 2, 3]), epoch=3)
+  np.testing.assert_array_equal(mask, [1, 0, 1])
+  np.testing.assert_array_equal(targets[[0, 2]], [[1.0, 2.0], [3.0, 4.0]])
+  with pytest.raises(ValueError, match='E_tilde differ'):
+    logit_table.LogitTable(5, 2, E_tilde=3).load_state_dict(table.state_dict())
