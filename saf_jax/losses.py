@@ -48,6 +48,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(per_example_cross_entropy(logits, labels))
 
 
+def per_example_kl(logits: jax.Array, target_logits: jax.Array, *, temperature: float) -> jax.Array:
+  r""":math:`\mathrm{KL}(\mathrm{softmax}(t_i/\tau) \| \mathrm{softmax}(z_i/\tau))` per example.
+
+  Args:
+    logits: float [batch, num_classes], the student's logits :math:`z`.
+    target_logits: float [batch, num_classes], the target's logits :math:`t`.
+    temperature: :math:`\tau > 0`.
+
+  Returns:
+    float32 [batch], in nats, without the :math:`\tau^2` factor.
+  """
+  log_p_student = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  log_p_target = jax.nn.log_softmax(target_logits.astype(jnp.float32) / temperature, axis=-1)
+  p_target = jnp.exp(log_p_target)
+  # 0 * log(0) := 0: a target probability that underflowed must add nothing, not NaN.
+  kl_terms = jnp.where(p_target > 0, p_target * (log_p_target - log_p_student), 0.0)
+  return jnp.sum(kl_terms, axis=-1)
+
+
 def trajectory_loss(
   logits: jax.Array,
   target_logits: jax.Array,
@@ -88,14 +107,7 @@ def trajectory_loss(
     float32 scalar: :math:`\tau^2` times the mean KL over unmasked examples, in nats;
     0 when no example is unmasked.
   """
-  logits = logits.astype(jnp.float32)
-  target_logits = target_logits.astype(jnp.float32)
-  log_p_student = jax.nn.log_softmax(logits / temperature, axis=-1)
-  log_p_target = jax.nn.log_softmax(target_logits / temperature, axis=-1)
-  p_target = jnp.exp(log_p_target)
-  # 0 * log(0) := 0: a target probability that underflowed must add nothing, not NaN.
-  kl_terms = jnp.where(p_target > 0, p_target * (log_p_target - log_p_student), 0.0)
-  kl = jnp.sum(kl_terms, axis=-1)  # [B]
+  kl = per_example_kl(logits, target_logits, temperature=temperature)  # [B]
   if mask is None:
     mean_kl = jnp.mean(kl)
   else:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.sharding import PartitionSpec as P
 
 from saf_jax import (
   checkpoint,
@@ -31,29 +32,15 @@ from saf_jax import (
   sharding,
   train_state,
   train_steps,
+  transforms,
   validation,
 )
 
 
-def create_optimizer(
+def _base_optimizer(
   opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
-) -> optax.GradientTransformation:
-  """The base optimizer with its per-step learning-rate schedule.
-
-  SGD follows PyTorch's ``torch.optim.SGD`` as used by the paper: weight decay is an L2
-  term added to the gradient before momentum (``add_decayed_weights`` then ``sgd``),
-  momentum without dampening. AdamW decays weights decoupled from the gradient. With
-  ``decay_norm_and_bias=False`` 1-D parameters (biases, BatchNorm scale and bias) are not
-  decayed, as timm's default for the paper's code.
-
-  Args:
-    opt_config: ``config.optimizer``.
-    steps_per_epoch: optimizer steps in one epoch.
-    num_epochs: epochs of the run; the schedule spans all of their steps.
-
-  Returns:
-    An optax transform.
-  """
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The base optimizer and its per-step learning-rate schedule (see create_optimizer)."""
   total_steps = steps_per_epoch * num_epochs
   warmup_steps = int(round(opt_config.warmup_epochs * steps_per_epoch))
   if opt_config.schedule == 'cosine':
@@ -68,17 +55,75 @@ def create_optimizer(
   if not opt_config.decay_norm_and_bias:
     mask = functools.partial(jax.tree.map, lambda p: p.ndim > 1)
   if opt_config.name == 'sgd':
-    return optax.chain(
+    tx = optax.chain(
       optax.add_decayed_weights(opt_config.weight_decay, mask=mask),
       optax.sgd(schedule, momentum=opt_config.momentum or None),
     )
-  return optax.adamw(
-    schedule,
-    b1=opt_config.b1,
-    b2=opt_config.b2,
-    weight_decay=opt_config.weight_decay,
-    mask=mask,
+  else:
+    tx = optax.adamw(
+      schedule,
+      b1=opt_config.b1,
+      b2=opt_config.b2,
+      weight_decay=opt_config.weight_decay,
+      mask=mask,
+    )
+  return tx, schedule
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict,
+  *,
+  steps_per_epoch: int,
+  batch_axis_name: str | None = None,
+) -> optax.GradientTransformation:
+  """The run's optimizer: the base optimizer, wrapped by the SAM-family method if any.
+
+  The base optimizer follows PyTorch's ``torch.optim.SGD`` as used by the paper: weight
+  decay is an L2 term added to the gradient before momentum (``add_decayed_weights``
+  then ``sgd``), momentum without dampening. AdamW decays weights decoupled from the
+  gradient. With ``decay_norm_and_bias=False`` 1-D parameters (biases, BatchNorm scale
+  and bias) are not decayed, as timm's default for the paper's code. For a SAM-family
+  method weight decay thus acts on the final gradient at :math:`\\theta` only, never on
+  the perturbation (as in Foret et al.'s and the ESAM/GSAM authors' code).
+
+  Args:
+    config: the run's config (``optimizer``, ``method``, ``num_epochs``, ``seed``).
+    steps_per_epoch: optimizer steps in one epoch; the schedule spans ``num_epochs``.
+    batch_axis_name: for the per-device perturbation scope, the mesh axis the SAM-family
+      transform averages its final gradient over (see ``transforms.sam``).
+
+  Returns:
+    An optax transform; for a SAM-family method it takes ``grad_fn`` in ``update``.
+  """
+  base, schedule = _base_optimizer(
+    config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
   )
+  _, perturbation = train_steps.split_method(config.method.name)
+  if perturbation is None:
+    return base
+  hp = config.method[perturbation]
+  common = {'batch_axis_name': batch_axis_name}
+  if perturbation == 'sam':
+    return transforms.sam(base, rho=hp.rho, **common)
+  if perturbation == 'asam':
+    return transforms.asam(
+      base, rho=hp.rho, eta=hp.eta, adaptive_params=hp.adaptive_params, **common
+    )
+  if perturbation == 'gsam':
+    lr_min = 0.0 if config.optimizer.schedule == 'cosine' else config.optimizer.lr
+    return transforms.gsam(
+      base,
+      learning_rate=schedule,
+      lr_max=config.optimizer.lr,
+      lr_min=lr_min,
+      rho_max=hp.rho_max,
+      rho_min=hp.rho_min,
+      alpha=hp.alpha,
+      **common,
+    )
+  if perturbation == 'looksam':
+    return transforms.looksam(base, rho=hp.rho, k=hp.k, alpha=hp.alpha, **common)
+  return transforms.esam(base, rho=hp.rho, beta=hp.beta, gamma=hp.gamma, seed=config.seed, **common)
 
 
 def _with_targets(
@@ -149,6 +194,21 @@ class Experiment:
     return self.config.method.name
 
   @property
+  def trajectory(self) -> str | None:
+    """'saf', 'mesa' or None: the trajectory part of the method."""
+    return train_steps.split_method(self.method)[0]
+
+  @property
+  def perturbation(self) -> str | None:
+    """The SAM-family part of the method ('sam', ..., 'esam') or None."""
+    return train_steps.split_method(self.method)[1]
+
+  @property
+  def per_device(self) -> bool:
+    """Whether the SAM-family perturbation is per device (``jax.shard_map``)."""
+    return self.perturbation is not None and self.config.method.perturbation_scope == 'per_device'
+
+  @property
   def repl(self):
     return sharding.replicated(self.mesh)
 
@@ -158,7 +218,7 @@ class Experiment:
 
   def trajectory_active(self, epoch: int) -> bool:
     """Algorithm 1, line 10: the trajectory loss is added in epochs ``> E_start``."""
-    return self.method != 'sgd' and epoch > self.config.method[self.method].E_start
+    return self.trajectory is not None and epoch > self.config.method[self.trajectory].E_start
 
   def init_state(self) -> train_state.TrainState:
     """The initial state, created already sharded (replicated) on the mesh."""
@@ -174,7 +234,7 @@ class Experiment:
 
   def new_table(self) -> logit_table.LogitTable | None:
     """SAF's empty logit table (None for other methods)."""
-    if self.method != 'saf':
+    if self.trajectory != 'saf':
       return None
     saf = self.config.method.saf
     return logit_table.LogitTable(
@@ -191,7 +251,7 @@ class Experiment:
       'label': vec(jnp.int32),
       'index': vec(jnp.int32),
     }
-    if self.method == 'saf':
+    if self.trajectory == 'saf':
       spec['target_logits'] = jax.ShapeDtypeStruct(
         (batch_size, self.info.num_classes), jnp.float32, sharding=data
       )
@@ -207,14 +267,25 @@ class Experiment:
     if active in self._compiled:
       return self._compiled[active]
     hparams = {}
-    if self.method != 'sgd':
-      hp = self.config.method[self.method]
+    if self.trajectory is not None:
+      hp = self.config.method[self.trajectory]
       hparams = {'lam': hp.lam, 'tau': hp.tau}
-      if self.method == 'mesa':
+      if self.trajectory == 'mesa':
         hparams['ema_decay'] = hp.ema_decay
     step = train_steps.make_train_step(
-      model=self.model, tx=self.tx, method=self.method, trajectory_active=active, **hparams
+      model=self.model,
+      tx=self.tx,
+      method=self.method,
+      trajectory_active=active,
+      batch_axis_name='data' if self.per_device else None,
+      **hparams,
     )
+    if self.per_device:
+      # Each device perturbs with its own shard's gradient (m-sharpness); the step
+      # averages the final gradient, batch_stats and metrics over 'data'.
+      step = jax.shard_map(
+        step, mesh=self.mesh, in_specs=(P(), P('data')), out_specs=(P(), P(), P('data'))
+      )
     jitted = jax.jit(
       step,
       in_shardings=(self.repl, self.data),
@@ -300,8 +371,9 @@ def build_experiment(
   if model is None:
     model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
     model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
+  per_device = config.method.perturbation_scope == 'per_device'
   tx = create_optimizer(
-    config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
+    config, steps_per_epoch=steps_per_epoch, batch_axis_name='data' if per_device else None
   )
   exp = Experiment(
     config=config,
@@ -388,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_start = time.perf_counter()
     if last or epoch % config.eval.every_epochs == 0:
       weights = {'test': (state.params, state.batch_stats)}
-      if method == 'mesa':
+      if exp.trajectory == 'mesa':
         weights['test_ema'] = (state.ema_params, state.ema_batch_stats)
       for prefix, (params, batch_stats) in weights.items():
         batches = datasets.test_batches(batch_size=config.input.eval_batch_size)

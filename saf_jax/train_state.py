@@ -47,7 +47,8 @@ def create_train_state(
     tx: the base optimizer.
     rng: PRNG key for the parameter init.
     image_shape: (height, width, channels) of one example.
-    method: 'sgd', 'saf' or 'mesa'; only 'mesa' allocates ``ema_params``.
+    method: the method name (``train_steps.METHODS``); only MESA (alone or composed,
+      e.g. 'mesa+sam') allocates ``ema_params``.
 
   Returns:
     A ``TrainState`` at step 0.
@@ -61,7 +62,7 @@ def create_train_state(
     batch_stats=batch_stats,
     opt_state=tx.init(params),
   )
-  if method == 'mesa':
+  if 'mesa' in method.split('+'):
     copy = functools.partial(jax.tree.map, jnp.copy)
     state = state.replace(ema_params=copy(params), ema_batch_stats=copy(batch_stats))
   return state

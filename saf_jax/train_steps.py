@@ -18,6 +18,7 @@ its own training forward pass. MESA's teacher runs in eval mode with
 ``ema_batch_stats`` and writes nothing.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,34 @@ import optax
 
 from saf_jax import losses, train_state, transforms
 
-METHODS = ('sgd', 'saf', 'mesa')
+TRAJECTORY_METHODS = ('saf', 'mesa')
+SAM_METHODS = ('sam', 'asam', 'gsam', 'looksam', 'esam')
+METHODS = ('sgd', *TRAJECTORY_METHODS, *SAM_METHODS) + tuple(
+  f'{t}+{s}' for t in TRAJECTORY_METHODS for s in SAM_METHODS
+)
+
+
+def split_method(method: str) -> tuple[str | None, str | None]:
+  """Splits a method name into its trajectory part and its SAM-family part.
+
+  Args:
+    method: one of :data:`METHODS`: 'sgd'; 'saf' or 'mesa'; 'sam', 'asam', 'gsam',
+      'looksam' or 'esam'; or a composition such as 'saf+sam' (the trajectory loss is
+      added to the objective whose perturbed gradient the SAM-family method takes).
+
+  Returns:
+    ``(trajectory, perturbation)``, e.g. ``('saf', 'sam')``, ``(None, 'gsam')`` or
+    ``(None, None)`` for 'sgd'.
+
+  Raises:
+    ValueError: for a name not in :data:`METHODS`.
+  """
+  if method not in METHODS:
+    raise ValueError(f'config.method.name must be one of {list(METHODS)}, got {method!r}.')
+  parts = method.split('+')
+  trajectory = next((p for p in parts if p in TRAJECTORY_METHODS), None)
+  perturbation = next((p for p in parts if p in SAM_METHODS), None)
+  return trajectory, perturbation
 
 
 def _apply_train(model, params, batch_stats, images):
@@ -52,68 +80,103 @@ def make_train_step(
   tau: float = 1.0,
   ema_decay: float = 0.0,
   trajectory_active: bool = False,
+  batch_axis_name: str | None = None,
 ) -> Callable:
   r"""Builds ``train_step(state, batch) -> (state, metrics, logits)``.
 
+  The objective of a step is :math:`L_B(\theta) = \mathrm{CE}_B(\theta)` plus, for SAF
+  and MESA once active, :math:`\lambda L^{tra}_B(\theta)` (Algorithm 1, line 11). For a
+  SAM-family method (alone or composed, e.g. 'saf+sam'), ``tx`` is the matching
+  transform of ``saf_jax.transforms`` and receives the clean gradient plus ``grad_fn``,
+  the gradient of the same objective (same targets) at perturbed params.
+
+  BatchNorm policy, for every method: ``batch_stats`` are updated exactly once per step,
+  from the clean training forward at :math:`\theta`. Perturbed passes (SAM family)
+  normalise with their batch's statistics and write none; MESA's teacher runs in eval
+  mode with ``ema_batch_stats`` and writes none.
+
   Args:
     model: a Flax module called as ``apply(variables, images, train=..., mutable=...)``.
-    tx: the base optimizer (an optax transform); gradients go in, updates come out.
-    method: 'sgd' (vanilla training with ``tx``), 'saf' or 'mesa'.
+    tx: the optimizer: the base optimizer (an optax transform) for 'sgd', 'saf', 'mesa';
+      the SAM-family transform wrapping it otherwise (see ``train.create_optimizer``).
+    method: one of :data:`METHODS`.
     lam: :math:`\lambda \ge 0`, weight of the trajectory loss (Algorithm 1, line 11).
     tau: :math:`\tau > 0`, temperature of the trajectory loss (Eq. 9, 13).
     ema_decay: :math:`\beta \in (0, 1)` of MESA's EMA (Eq. 10); unused otherwise.
     trajectory_active: whether :math:`e > E_{start}` (Algorithm 1, line 10).
+    batch_axis_name: None for the usual step under ``jit`` (the loss is the global
+      batch's mean). For the per-device perturbation scope, the mesh axis over which the
+      step runs inside ``jax.shard_map``: each device computes its shard's clean and
+      perturbed gradients, the transform averages the final gradient over this axis, and
+      the new ``batch_stats`` and the metrics are averaged too (BatchNorm then normalises
+      with each device's shard statistics, as in the original SAM's m-sharpness).
 
   Returns:
     A pure function. ``batch`` is a dict with ``image`` float32 [B, H, W, C], ``label``
     int32 [B], ``index`` int32 [B], and for SAF ``target_logits`` float32 [B, K] and
     ``target_mask`` float32 [B]. ``metrics`` is a dict of float32 scalars: ``loss``,
     ``ce_loss``, ``trajectory_loss`` (unweighted, :math:`\tau^2`-scaled; 0 when
-    inactive), ``accuracy``, ``l2_grads``, ``l2_params`` and, for SAF,
-    ``table_valid_fraction``. ``logits`` is the training forward's own float32 [B, K]
-    logits for SAF (Algorithm 1, line 4) and None otherwise.
+    inactive), ``accuracy``, ``l2_grads`` (of the clean gradient), ``l2_params`` and, for
+    SAF, ``table_valid_fraction``. ``logits`` is the training forward's own float32
+    [B, K] logits for SAF (Algorithm 1, line 4) and None otherwise.
 
   Raises:
     ValueError: for an unknown ``method``.
   """
-  if method not in METHODS:
-    raise ValueError(f'config.method.name must be one of {list(METHODS)}, got {method!r}.')
-  use_trajectory = trajectory_active and method in ('saf', 'mesa')
+  trajectory, perturbation = split_method(method)
+  use_trajectory = trajectory_active and trajectory is not None
+  pmean = functools.partial(transforms._maybe_pmean, axis_name=batch_axis_name)
 
   def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
-    images, labels = batch['image'], batch['label']
-    if method == 'mesa' and use_trajectory:
+    full = {'image': batch['image'], 'label': batch['label']}
+    if trajectory == 'mesa' and use_trajectory:
       # Eq. 13: the EMA teacher, eval mode, its own EMA batch stats, no gradient.
-      target_logits = jax.lax.stop_gradient(
-        _apply_eval(model, state.ema_params, state.ema_batch_stats, images)
+      full['target_logits'] = jax.lax.stop_gradient(
+        _apply_eval(model, state.ema_params, state.ema_batch_stats, batch['image'])
       )
-      target_mask = None
-    elif method == 'saf' and use_trajectory:
-      target_logits = batch['target_logits']  # Algorithm 1, line 5: from E_tilde epochs ago.
-      target_mask = batch['target_mask']
+    elif trajectory == 'saf' and use_trajectory:
+      # Algorithm 1, line 5: the logits of E_tilde epochs ago, masked where not recorded.
+      full['target_logits'] = batch['target_logits']
+      full['target_mask'] = batch['target_mask']
 
-    def loss_fn(params):
-      logits, new_batch_stats = _apply_train(model, params, state.batch_stats, images)
-      ce = losses.cross_entropy(logits, labels)
+    def objective(params, sub):
+      logits, new_batch_stats = _apply_train(model, params, state.batch_stats, sub['image'])
+      per_example = losses.per_example_cross_entropy(logits, sub['label'])
+      ce = jnp.mean(per_example)
+      traj = jnp.zeros([], jnp.float32)
+      loss = ce  # Algorithm 1, line 13.
       if use_trajectory:
-        traj = losses.trajectory_loss(logits, target_logits, temperature=tau, mask=target_mask)
+        mask = sub.get('target_mask')
+        traj = losses.trajectory_loss(logits, sub['target_logits'], temperature=tau, mask=mask)
         loss = ce + lam * traj  # Algorithm 1, line 11.
-      else:
-        traj = jnp.zeros([], jnp.float32)
-        loss = ce  # Algorithm 1, line 13.
-      return loss, (logits, new_batch_stats, ce, traj)
+        kl = losses.per_example_kl(logits, sub['target_logits'], temperature=tau)
+        per_example = per_example + lam * tau**2 * kl * (1.0 if mask is None else mask)
+      return loss, (logits, new_batch_stats, ce, traj, per_example)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, new_batch_stats, ce, traj)), grads = grad_fn(state.params)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (loss, (logits, new_batch_stats, ce, traj, per_example)), grads = grad_fn(state.params, full)
+    extra_args = {}
+    if perturbation is not None:
+
+      def perturbed_grad_fn(params, indices=None):
+        # Perturbed passes write no batch_stats: the aux output is dropped.
+        sub = full if indices is None else jax.tree.map(lambda x: x[indices], full)
+        return jax.grad(lambda p: objective(p, sub)[0])(params)
+
+      extra_args['grad_fn'] = perturbed_grad_fn
+      if perturbation == 'esam':
+        extra_args['per_example_loss_fn'] = lambda p: objective(p, full)[1][4]
+        extra_args['per_example_losses'] = per_example
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     new_params = optax.apply_updates(state.params, updates)
+    new_batch_stats = pmean(new_batch_stats)
     new_state = state.replace(
       step=state.step + 1,
       params=new_params,
       batch_stats=new_batch_stats,
       opt_state=new_opt_state,
     )
-    if method == 'mesa':
+    if trajectory == 'mesa':
       # Eq. 10 after every step, also before E_start, so the teacher is ready then.
       new_state = new_state.replace(
         ema_params=transforms.ema_update(state.ema_params, new_params, ema_decay=ema_decay),
@@ -125,15 +188,16 @@ def make_train_step(
       'loss': loss,
       'ce_loss': ce,
       'trajectory_loss': traj,
-      'accuracy': jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-      'l2_grads': optax.global_norm(grads),
-      'l2_params': optax.global_norm(new_params),
+      'accuracy': jnp.mean((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)),
     }
-    if method == 'saf':
+    if trajectory == 'saf':
       metrics['table_valid_fraction'] = (
         jnp.mean(batch['target_mask']) if 'target_mask' in batch else jnp.zeros([])
       )
-    out_logits = jax.lax.stop_gradient(logits) if method == 'saf' else None
+    metrics = pmean(metrics)
+    metrics['l2_grads'] = optax.global_norm(pmean(grads))
+    metrics['l2_params'] = optax.global_norm(new_params)
+    out_logits = jax.lax.stop_gradient(logits) if trajectory == 'saf' else None
     return new_state, metrics, out_logits
 
   return train_step

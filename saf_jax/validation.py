@@ -6,11 +6,12 @@ in a second instead of after a compile, and never touches an existing workdir.
 
 import ml_collections
 
-from saf_jax import input_pipeline, models, train_steps
+from saf_jax import input_pipeline, models, train_steps, transforms
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
 TABLE_DTYPES = ('float32', 'bfloat16')
+PERTURBATION_SCOPES = ('global', 'per_device')
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -36,8 +37,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   Raises:
     ValueError: for an unknown method, model, dataset, optimizer, schedule, augmentation
       or table dtype; ``E_tilde < 1``; ``E_start < 0``; ``tau <= 0``; ``lam < 0``;
-      ``ema_decay`` outside (0, 1); batch sizes < 1 or not divisible by the devices;
-      non-positive epochs, learning rate or periods.
+      ``ema_decay`` outside (0, 1); batch sizes < 1 or not divisible by the devices
+      (the per-device perturbation scope splits the batch the same way); non-positive
+      epochs, learning rate or periods; an unknown ``perturbation_scope``; for the SAM
+      family ``rho``/``eta``/``alpha < 0``, ``k < 1``, ``beta``/``gamma`` outside (0, 1],
+      ``rho_min > rho_max`` or an unknown ASAM ``adaptive_params``.
   """
   mesh_data = config.mesh.data
   _require(
@@ -52,6 +56,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   _require(
     method in train_steps.METHODS, 'method.name', method, f'one of {list(train_steps.METHODS)}'
   )
+  _validate_periods(config)
   _require(
     config.model.name in models.MODELS,
     'model.name',
@@ -134,9 +139,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     f'in [0, num_epochs={config.num_epochs})',
   )
 
-  if method in ('saf', 'mesa'):
-    hp = config.method[method]
-    prefix = f'method.{method}'
+  trajectory, perturbation = train_steps.split_method(method)
+  if trajectory is not None:
+    hp = config.method[trajectory]
+    prefix = f'method.{trajectory}'
     _require(_is_number(hp.lam) and hp.lam >= 0, f'{prefix}.lam', hp.lam, 'a number >= 0')
     _require(_is_number(hp.tau) and hp.tau > 0, f'{prefix}.tau', hp.tau, 'a number > 0')
     _require(
@@ -145,7 +151,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       hp.E_start,
       'an integer >= 0',
     )
-  if method == 'saf':
+  if trajectory == 'saf':
     saf = config.method.saf
     _require(
       _is_int(saf.E_tilde) and saf.E_tilde >= 1,
@@ -159,7 +165,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       saf.table_dtype,
       f'one of {list(TABLE_DTYPES)}',
     )
-  if method == 'mesa':
+  if trajectory == 'mesa':
     beta = config.method.mesa.ema_decay
     _require(
       _is_number(beta) and 0 < beta < 1,
@@ -167,6 +173,59 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       beta,
       'in the open interval (0, 1)',
     )
+  scope = config.method.perturbation_scope
+  _require(
+    scope in PERTURBATION_SCOPES,
+    'method.perturbation_scope',
+    scope,
+    f'one of {list(PERTURBATION_SCOPES)}',
+  )
+  if perturbation is not None:
+    _validate_sam_family(config.method[perturbation], f'method.{perturbation}', perturbation)
+
+
+def _validate_sam_family(hp: ml_collections.ConfigDict, prefix: str, name: str) -> None:
+  """The SAM-family method's hyperparameters (the transforms check them again)."""
+
+  def nonnegative(field):
+    _require(
+      _is_number(hp[field]) and hp[field] >= 0, f'{prefix}.{field}', hp[field], 'a number >= 0'
+    )
+
+  def unit_interval(field):
+    _require(
+      _is_number(hp[field]) and 0 < hp[field] <= 1, f'{prefix}.{field}', hp[field], 'in (0, 1]'
+    )
+
+  if name == 'gsam':
+    nonnegative('rho_max')
+    nonnegative('rho_min')
+    _require(
+      hp.rho_min <= hp.rho_max,
+      f'{prefix}.rho_min',
+      hp.rho_min,
+      f'<= {prefix}.rho_max ({hp.rho_max})',
+    )
+    nonnegative('alpha')
+    return
+  nonnegative('rho')
+  if name == 'asam':
+    nonnegative('eta')
+    _require(
+      hp.adaptive_params in transforms.ASAM_ADAPTIVE_PARAMS,
+      f'{prefix}.adaptive_params',
+      hp.adaptive_params,
+      f'one of {list(transforms.ASAM_ADAPTIVE_PARAMS)}',
+    )
+  elif name == 'looksam':
+    _require(_is_int(hp.k) and hp.k >= 1, f'{prefix}.k', hp.k, 'an integer >= 1')
+    nonnegative('alpha')
+  elif name == 'esam':
+    unit_interval('beta')
+    unit_interval('gamma')
+
+
+def _validate_periods(config: ml_collections.ConfigDict) -> None:
   for field in ('eval.every_epochs', 'checkpoint.every_epochs', 'checkpoint.max_to_keep'):
     section, name = field.split('.')
     value = config[section][name]

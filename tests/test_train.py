@@ -88,9 +88,9 @@ def test_trajectory_active_follows_e_start():
 
 
 def test_create_optimizer_is_pytorch_sgd_with_l2_and_cosine():
-  config = default.get_config()
-  opt = config.optimizer
-  tx = train.create_optimizer(opt, steps_per_epoch=5, num_epochs=2)  # 10 steps.
+  config = default.get_config('method=sgd')
+  config.num_epochs = 2
+  tx = train.create_optimizer(config, steps_per_epoch=5)  # 10 steps.
   params = {'w': jnp.ones((2, 2)), 'b': jnp.ones((2,))}
   grads = {'w': jnp.full((2, 2), 0.5), 'b': jnp.full((2,), 0.5)}
   state = tx.init(params)

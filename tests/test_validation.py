@@ -9,7 +9,7 @@ from saf_jax import checkpoint, validation
 @pytest.mark.parametrize(
   'field, value, match',
   [
-    ('method.name', 'sam', r"config.method.name must be one of \['sgd', 'saf', 'mesa'\]"),
+    ('method.name', 'adam', r"config.method.name must be one of \['sgd', 'saf', 'mesa', 'sam'"),
     ('model.name', 'vgg', r"config.model.name must be one of \['cnn', 'resnet18'\]"),
     ('input.dataset', 'svhn', r'config.input.dataset must be one of'),
     ('input.augment', 'mixup', r'config.input.augment must be one of'),
@@ -69,8 +69,8 @@ def test_defaults_are_valid():
 
 
 def test_config_argument_errors():
-  with pytest.raises(ValueError, match=r"method must be one of \['sgd', 'saf', 'mesa'\]"):
-    default.get_config('method=sam')
+  with pytest.raises(ValueError, match=r"method must be one of \['sgd', 'saf', 'mesa', 'sam'"):
+    default.get_config('method=sam+saf')
   with pytest.raises(ValueError, match='allowed: method=<name>, smoke'):
     default.get_config('fast')
 
