@@ -1,6 +1,7 @@
 r"""Training throughput of each method on the same model, batch size and data.
 
-  python -m saf_jax.benchmark --config configs/default.py --methods sgd,saf,mesa
+  python -m saf_jax.benchmark --config configs/default.py
+  python -m saf_jax.benchmark --config configs/default.py --methods sgd,sam --synthetic
 
 For every method the config is the same except ``method.name``; the step timed is the
 one with the trajectory loss *active* (epochs > E_start), the expensive phase. Each
@@ -10,6 +11,11 @@ hit all of them alike. Each timed run goes through ``train.Experiment.run_steps`
 training loop itself: input pipeline, device prefetch, SAF's table gather and
 asynchronous write-back, and the step.
 
+With ``--synthetic`` the batches are random images of the dataset's shape (no
+TensorFlow import, no input pipeline: the step, the prefetch and SAF's table alone),
+for machines without the data or to isolate the step's cost. LookSAM's rounds hold
+whole multiples of its ``k`` steps only if ``--steps`` is a multiple of ``k``.
+
 Prints one JSON object per method (``method``, ``images_per_sec`` as the median over
 rounds, ``ratio_to_sgd``, ``rounds``), then a readable table.
 """
@@ -17,20 +23,59 @@ rounds, ``ratio_to_sgd``, ``rounds``), then a readable table.
 import json
 import statistics
 import time
+import types
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=False)
-flags.DEFINE_list('methods', ['sgd', 'saf', 'mesa'], 'Methods to compare.')
+flags.DEFINE_list(
+  'methods',
+  ['sgd', 'saf', 'mesa', 'sam', 'asam', 'gsam', 'looksam', 'esam'],
+  'Methods to compare (any of saf_jax.train_steps.METHODS).',
+)
+flags.DEFINE_bool('synthetic', False, 'Random images of the dataset shape; no input pipeline.')
 flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds per method.')
 flags.DEFINE_integer('steps', 50, 'Train steps per method and round.')
 flags.DEFINE_integer('warmup_steps', 10, 'Untimed steps per method after compilation.')
 flags.mark_flags_as_required(['config'])
 
 
-def run_benchmark(config, methods, *, rounds: int, steps: int, warmup_steps: int):
+# Shapes of the datasets the pipeline serves, for --synthetic (no TFDS needed).
+_SYNTHETIC_INFO = {'fashion_mnist': {'num_train': 60000, 'num_classes': 10, 'shape': (28, 28, 1)}}
+
+
+class _SyntheticDatasets:
+  """Random images and labels of a dataset's shape; a fresh permutation of ids per epoch."""
+
+  def __init__(self, dataset: str, seed: int):
+    spec = _SYNTHETIC_INFO[dataset]
+    self.info = types.SimpleNamespace(
+      name=f'synthetic-{dataset}',
+      num_train=spec['num_train'],
+      num_test=0,
+      num_classes=spec['num_classes'],
+      image_shape=spec['shape'],
+    )
+    self._rng = np.random.default_rng(seed)
+    self._pool = self._rng.normal(size=(1024, *spec['shape'])).astype(np.float32)
+
+  def train_epoch(self, epoch, *, batch_size):
+    ids = np.random.default_rng(epoch).permutation(self.info.num_train).astype(np.int32)
+    for start in range(0, len(ids) - batch_size + 1, batch_size):
+      rows = self._rng.integers(0, len(self._pool), batch_size)
+      yield {
+        'image': self._pool[rows],
+        'label': self._rng.integers(0, self.info.num_classes, batch_size).astype(np.int32),
+        'index': ids[start : start + batch_size],
+      }
+
+
+def run_benchmark(
+  config, methods, *, rounds: int, steps: int, warmup_steps: int, synthetic: bool = False
+):
   """Returns ``{method: [images/s of each round]}``; see the module docstring.
 
   Raises:
@@ -38,7 +83,7 @@ def run_benchmark(config, methods, *, rounds: int, steps: int, warmup_steps: int
   """
   import jax
 
-  from saf_jax import input_pipeline, train, validation
+  from saf_jax import train
 
   if rounds < 1 or steps < 1 or warmup_steps < 0:
     raise ValueError('--rounds and --steps must be >= 1 and --warmup_steps >= 0.')
@@ -46,9 +91,22 @@ def run_benchmark(config, methods, *, rounds: int, steps: int, warmup_steps: int
   for method in methods:
     cfg = config.copy_and_resolve_references()
     cfg.method.name = method
-    validation.validate_config(cfg, num_devices=jax.device_count())
+    if not synthetic:
+      from saf_jax import validation
+
+      validation.validate_config(cfg, num_devices=jax.device_count())
     configs[method] = cfg
-  datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
+  if synthetic:
+    if config.input.dataset not in _SYNTHETIC_INFO:
+      raise ValueError(
+        f'--synthetic knows config.input.dataset in {sorted(_SYNTHETIC_INFO)}, '
+        f'got {config.input.dataset!r}.'
+      )
+    datasets = _SyntheticDatasets(config.input.dataset, config.seed)
+  else:
+    from saf_jax import input_pipeline
+
+    datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
   batch_size = config.input.batch_size
   runs = {}
   for method, cfg in configs.items():
@@ -56,7 +114,7 @@ def run_benchmark(config, methods, *, rounds: int, steps: int, warmup_steps: int
     # An epoch with the trajectory loss active. SAF's targets there are all masked (the
     # table is empty), which costs the same as valid ones: the KL runs on every row.
     epoch = max(cfg.method.saf.E_start, cfg.method.saf.E_tilde, cfg.method.mesa.E_start) + 1
-    if method != 'sgd':
+    if exp.trajectory is not None:
       assert exp.trajectory_active(epoch)
     runs[method] = {'exp': exp, 'state': exp.init_state(), 'table': exp.new_table()}
     runs[method]['epoch'] = epoch
@@ -81,9 +139,10 @@ def _timed(run, datasets, *, steps):
 
 def main(argv):
   del argv
-  import tensorflow as tf
+  if not FLAGS.synthetic:
+    import tensorflow as tf
 
-  tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'GPU')
   import jax
 
   start = time.perf_counter()
@@ -93,6 +152,7 @@ def main(argv):
     rounds=FLAGS.rounds,
     steps=FLAGS.steps,
     warmup_steps=FLAGS.warmup_steps,
+    synthetic=FLAGS.synthetic,
   )
   medians = {m: statistics.median(v) for m, v in results.items()}
   reference = medians.get('sgd')
@@ -108,7 +168,8 @@ def main(argv):
     print(json.dumps(row), flush=True)
   cfg = FLAGS.config
   print(
-    f'\nmodel={cfg.model.name} batch={cfg.input.batch_size} dataset={cfg.input.dataset} '
+    f'\nmodel={cfg.model.name} batch={cfg.input.batch_size} dataset={cfg.input.dataset}'
+    f'{" (synthetic)" if FLAGS.synthetic else ""} '
     f'devices={jax.device_count()} ({jax.devices()[0].platform}) '
     f'rounds={FLAGS.rounds} steps/round={FLAGS.steps} wall={time.perf_counter() - start:.0f}s'
   )

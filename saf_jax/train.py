@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 
 from saf_jax import (
   checkpoint,
-  input_pipeline,
   logit_table,
   metrics,
   models,
@@ -33,7 +32,6 @@ from saf_jax import (
   train_state,
   train_steps,
   transforms,
-  validation,
 )
 
 
@@ -258,14 +256,17 @@ class Experiment:
       spec['target_mask'] = vec(jnp.float32)
     return spec
 
-  def compiled_step(self, active: bool):
+  def compiled_step(self, active: bool, sam_step: bool | None = None):
     """The train step for epochs with (``active``) or without the trajectory loss.
 
     Compiled ahead of time with explicit shardings (state replicated, batch split over
-    'data') and the old state donated.
+    'data') and the old state donated. For LookSAM, ``sam_step`` picks the full SAM step
+    (True) or the reuse step (False): two programs chosen on the host by step number
+    (see ``transforms.looksam``).
     """
-    if active in self._compiled:
-      return self._compiled[active]
+    key = (active, sam_step)
+    if key in self._compiled:
+      return self._compiled[key]
     hparams = {}
     if self.trajectory is not None:
       hp = self.config.method[self.trajectory]
@@ -278,6 +279,7 @@ class Experiment:
       method=self.method,
       trajectory_active=active,
       batch_axis_name='data' if self.per_device else None,
+      sam_step=sam_step,
       **hparams,
     )
     if self.per_device:
@@ -292,8 +294,18 @@ class Experiment:
       out_shardings=(self.repl, self.repl, self.data),
       donate_argnums=0,
     )
-    self._compiled[active] = jitted.lower(self.abstract_state, self._batch_spec()).compile()
-    return self._compiled[active]
+    self._compiled[key] = jitted.lower(self.abstract_state, self._batch_spec()).compile()
+    return self._compiled[key]
+
+  def step_for(self, epoch: int) -> Callable[[int], Any]:
+    """``step_number -> compiled step`` for ``epoch``; compiles what the epoch needs."""
+    active = self.trajectory_active(epoch)
+    if self.perturbation == 'looksam' and self.config.method.looksam.k > 1:
+      k = self.config.method.looksam.k
+      sam, reuse = self.compiled_step(active, True), self.compiled_step(active, False)
+      return lambda step: sam if step % k == 0 else reuse
+    step_fn = self.compiled_step(active)
+    return lambda step: step_fn
 
   def run_steps(
     self,
@@ -315,7 +327,8 @@ class Experiment:
       ``(state, per-step metrics as numpy scalars, seconds)``, where the time runs from
       the first batch request until the last step's results are ready.
     """
-    step_fn = self.compiled_step(self.trajectory_active(epoch))
+    step_fns = self.step_for(epoch)
+    first_step = int(jax.device_get(state.step))
     if num_steps is not None:
       host_batches = itertools.islice(host_batches, num_steps)
     if table is not None:
@@ -330,7 +343,7 @@ class Experiment:
       bar = tqdm.tqdm(batches, total=num_steps or self.steps_per_epoch, desc=desc, leave=False)
       batches = bar
     for i, (host_batch, batch) in enumerate(batches):
-      state, step_out, logits = step_fn(state, batch)
+      state, step_out, logits = step_fns(first_step + i)(state, batch)
       if table is not None:
         table.write_async(host_batch['index'], logits, epoch=epoch)  # Algorithm 1, line 4.
       step_metrics.append(step_out)
@@ -407,6 +420,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     DataNotFoundError: when the dataset is neither prepared nor obtainable.
     FloatingPointError: on a non-finite loss or gradient (names the step).
   """
+  # Imported here so that the rest of this module (Experiment, run_steps) works without
+  # TensorFlow, e.g. with another data loader or in `benchmark --synthetic`.
+  from saf_jax import input_pipeline, validation
+
   wall_start = time.perf_counter()
   validation.validate_config(config, num_devices=jax.device_count())
   checkpoint.check_workdir(config, workdir)
@@ -440,7 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   record: dict[str, Any] = {}
   for epoch in range(start_epoch, config.num_epochs + 1):
     active = exp.trajectory_active(epoch)
-    exp.compiled_step(active)  # Compile outside the timed loop.
+    exp.step_for(epoch)  # Compile outside the timed loop.
     state, step_metrics, seconds = exp.run_steps(
       state,
       datasets.train_epoch(epoch, batch_size=batch_size),

@@ -81,6 +81,7 @@ def make_train_step(
   ema_decay: float = 0.0,
   trajectory_active: bool = False,
   batch_axis_name: str | None = None,
+  sam_step: bool | None = None,
 ) -> Callable:
   r"""Builds ``train_step(state, batch) -> (state, metrics, logits)``.
 
@@ -110,6 +111,8 @@ def make_train_step(
       perturbed gradients, the transform averages the final gradient over this axis, and
       the new ``batch_stats`` and the metrics are averaged too (BatchNorm then normalises
       with each device's shard statistics, as in the original SAM's m-sharpness).
+    sam_step: LookSAM only: True for a step with ``state.step % k == 0`` (full SAM
+      gradient), False for a reuse step; None decides in the graph (``jax.lax.cond``).
 
   Returns:
     A pure function. ``batch`` is a dict with ``image`` float32 [B, H, W, C], ``label``
@@ -153,8 +156,13 @@ def make_train_step(
         per_example = per_example + lam * tau**2 * kl * (1.0 if mask is None else mask)
       return loss, (logits, new_batch_stats, ce, traj, per_example)
 
+    params = state.params
+    if batch_axis_name is not None:
+      # Inside shard_map the gradient w.r.t. a replicated input is summed over devices;
+      # marking params device-varying keeps each device's own shard gradient.
+      params = jax.tree.map(lambda x: jax.lax.pcast(x, batch_axis_name, to='varying'), params)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (loss, (logits, new_batch_stats, ce, traj, per_example)), grads = grad_fn(state.params, full)
+    (loss, (logits, new_batch_stats, ce, traj, per_example)), grads = grad_fn(params, full)
     extra_args = {}
     if perturbation is not None:
 
@@ -164,6 +172,8 @@ def make_train_step(
         return jax.grad(lambda p: objective(p, sub)[0])(params)
 
       extra_args['grad_fn'] = perturbed_grad_fn
+      if perturbation == 'looksam' and sam_step is not None:
+        extra_args['sam_step'] = sam_step
       if perturbation == 'esam':
         extra_args['per_example_loss_fn'] = lambda p: objective(p, full)[1][4]
         extra_args['per_example_losses'] = per_example

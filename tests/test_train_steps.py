@@ -178,13 +178,33 @@ def test_ema_closed_form_over_three_steps():
     _assert_trees_equal(getattr(history[-1], ema_field), want, exact=False)
 
 
-@pytest.mark.parametrize('method', ['sgd', 'saf', 'mesa'])
+def _tx_for(method, base):
+  """The SAM-family transform a method uses around ``base`` (the base alone otherwise)."""
+  _, perturbation = train_steps.split_method(method)
+  return {
+    None: lambda: base,
+    'sam': lambda: transforms.sam(base, rho=0.05),
+    'asam': lambda: transforms.asam(base, rho=0.5, eta=0.01),
+    'gsam': lambda: transforms.gsam(
+      base, learning_rate=0.1, lr_max=0.1, rho_max=0.05, rho_min=0.05, alpha=0.3
+    ),
+    'looksam': lambda: transforms.looksam(base, rho=0.05, k=2),
+    'esam': lambda: transforms.esam(base, rho=0.05, beta=0.5, gamma=0.5),
+  }[perturbation]()
+
+
+@pytest.mark.parametrize('method', train_steps.METHODS)
 @pytest.mark.parametrize('active', [False, True])
 def test_student_batch_stats_change_exactly_once_per_step(method, active):
-  model, tx, state = _setup(method)
+  trajectory, _ = train_steps.split_method(method)
+  model, base, _ = _setup('sgd')
+  tx = _tx_for(method, base)
+  state = train_state.create_train_state(
+    model, tx, rng=jax.random.key(0), image_shape=(4, 4, 1), method=method
+  )
   batch = _batches(1, constant=True)[0]
-  hparams = {} if method == 'sgd' else {'lam': 0.8, 'tau': 5.0}
-  if method == 'mesa':
+  hparams = {} if trajectory is None else {'lam': 0.8, 'tau': 5.0}
+  if trajectory == 'mesa':
     hparams['ema_decay'] = 0.9
   step = train_steps.make_train_step(
     model=model, tx=tx, method=method, trajectory_active=active, **hparams
@@ -193,10 +213,53 @@ def test_student_batch_stats_change_exactly_once_per_step(method, active):
   x = batch['image'].reshape(8, -1)
   dense = state.params['Dense_0']
   pre_bn_mean = (x @ dense['kernel'] + dense['bias']).mean(0)
-  # Momentum 0.9 from zeros: one update gives 0.1 * mean; two would give 0.19 * mean.
+  # Momentum 0.9 from zeros: one update gives 0.1 * mean; two would give 0.19 * mean,
+  # which a SAM-family method writing its perturbed pass's statistics would produce.
   np.testing.assert_allclose(
     new_state.batch_stats['BatchNorm_0']['mean'], 0.1 * pre_bn_mean, rtol=1e-5, atol=1e-7
   )
+  assert (
+    max(
+      jax.tree.leaves(
+        jax.tree.map(lambda a, b: np.abs(a - b).max(), new_state.params, state.params)
+      )
+    )
+    > 0
+  )
+
+
+def test_saf_plus_sam_perturbs_the_objective_with_the_trajectory_term():
+  """'saf+sam': both gradients are of CE + lam * trajectory, the second at theta + eps."""
+  model, base, state = _setup('saf')
+  tx = transforms.sam(base, rho=0.1)
+  state = state.replace(opt_state=tx.init(state.params))
+  batch = _batches(1)[0]
+  lam, tau, rho = 0.3, 5.0, 0.1
+  step = train_steps.make_train_step(
+    model=model, tx=tx, method='saf+sam', lam=lam, tau=tau, trajectory_active=True
+  )
+  new_state, metrics, logits = jax.jit(step)(state, batch)
+
+  def objective(params):
+    z, _ = model.apply(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    traj = losses.trajectory_loss(
+      z, batch['target_logits'], temperature=tau, mask=batch['target_mask']
+    )
+    return losses.cross_entropy(z, batch['label']) + lam * traj
+
+  g = jax.grad(objective)(state.params)
+  g_norm = optax.global_norm(g)
+  perturbed = jax.tree.map(lambda p, gi: p + rho * gi / g_norm, state.params, g)
+  updates, _ = base.update(jax.grad(objective)(perturbed), state.opt_state.base_state, state.params)
+  _assert_trees_equal(new_state.params, optax.apply_updates(state.params, updates), exact=False)
+  np.testing.assert_allclose(metrics['loss'], objective(state.params), rtol=1e-6)
+  np.testing.assert_allclose(metrics['l2_grads'], g_norm, rtol=1e-6)
+  assert logits.shape == (8, NUM_CLASSES)  # SAF's table still gets the clean logits.
 
 
 def test_ema_transform_matches_train_state_ema():
@@ -257,3 +320,22 @@ def test_eval_step_ignores_padding():
   correct = (np.argmax(logits, -1) == batch['label'])[:5].sum()
   assert float(out['count']) == 5.0
   assert float(out['correct']) == correct
+
+
+def test_looksam_host_chosen_steps_equal_the_in_graph_conditional():
+  """The loop's two compiled LookSAM steps (picked by step number) = the lax.cond step."""
+  model, base, _ = _setup('sgd')
+  tx = transforms.looksam(base, rho=0.05, k=3, alpha=0.7)
+  state = train_state.create_train_state(
+    model, tx, rng=jax.random.key(0), image_shape=(4, 4, 1), method='looksam'
+  )
+  make = functools.partial(train_steps.make_train_step, model=model, tx=tx, method='looksam')
+  in_graph = jax.jit(make())
+  static = {flag: jax.jit(make(sam_step=flag)) for flag in (True, False)}
+  a = b = state
+  for i, batch in enumerate(_batches(7)):
+    a, _, _ = in_graph(a, batch)
+    b, _, _ = static[i % 3 == 0](b, batch)
+  _assert_trees_equal(a.params, b.params, exact=False)
+  _assert_trees_equal(a.opt_state.g_v, b.opt_state.g_v, exact=False)
+  assert int(b.opt_state.count) == 7
