@@ -6,15 +6,34 @@ User-facing names; everything else is reached through its module.
 from saf_jax.logit_table import LogitTable
 from saf_jax.losses import cross_entropy, trajectory_loss
 from saf_jax.train_state import TrainState
-from saf_jax.transforms import EmaParamsState, ema_params, ema_update, get_ema_params
+from saf_jax.transforms import (
+  EmaParamsState,
+  LookSAMState,
+  SAMState,
+  asam,
+  ema_params,
+  ema_update,
+  esam,
+  get_ema_params,
+  gsam,
+  looksam,
+  sam,
+)
 
 __all__ = [
   'EmaParamsState',
   'LogitTable',
+  'LookSAMState',
+  'SAMState',
   'TrainState',
+  'asam',
   'cross_entropy',
   'ema_params',
   'ema_update',
+  'esam',
   'get_ema_params',
+  'gsam',
+  'looksam',
+  'sam',
   'trajectory_loss',
 ]

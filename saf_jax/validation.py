@@ -204,7 +204,7 @@ def _validate_sam_family(hp: ml_collections.ConfigDict, prefix: str, name: str) 
       hp.rho_min <= hp.rho_max,
       f'{prefix}.rho_min',
       hp.rho_min,
-      f'<= {prefix}.rho_max ({hp.rho_max})',
+      f'<= config.{prefix}.rho_max ({hp.rho_max})',
     )
     nonnegative('alpha')
     return

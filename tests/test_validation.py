@@ -68,6 +68,44 @@ def test_defaults_are_valid():
     validation.validate_config(default.get_config(arg), num_devices=1)
 
 
+@pytest.mark.parametrize(
+  'method, field, value, match',
+  [
+    ('sam', 'method.sam.rho', -0.05, r'config.method.sam.rho must be a number >= 0, got -0.05'),
+    ('asam', 'method.asam.eta', -0.01, r'config.method.asam.eta must be a number >= 0'),
+    ('asam', 'method.asam.adaptive_params', 'biases', r"must be one of \['weights', 'kernels'"),
+    ('looksam', 'method.looksam.k', 0, r'config.method.looksam.k must be an integer >= 1, got 0'),
+    ('looksam', 'method.looksam.alpha', -1.0, r'config.method.looksam.alpha must be a number'),
+    ('esam', 'method.esam.beta', 0.0, r'config.method.esam.beta must be in \(0, 1\], got 0.0'),
+    ('esam', 'method.esam.gamma', 1.5, r'config.method.esam.gamma must be in \(0, 1\], got 1.5'),
+    ('gsam', 'method.gsam.alpha', -0.1, r'config.method.gsam.alpha must be a number >= 0'),
+    ('gsam', 'method.gsam.rho_min', 0.1, r'config.method.gsam.rho_min must be <= config'),
+    ('saf+sam', 'method.sam.rho', -1.0, r'config.method.sam.rho must be a number >= 0'),
+    ('sam', 'method.perturbation_scope', 'local', r"perturbation_scope must be one of \['global'"),
+  ],
+)
+def test_sam_family_config_errors(method, field, value, match):
+  config = default.get_config(f'method={method}')
+  section, _, name = field.rpartition('.')
+  target = config
+  for part in section.split('.'):
+    target = target[part]
+  target[name] = value
+  with pytest.raises(ValueError, match=match):
+    validation.validate_config(config, num_devices=1)
+
+
+def test_per_device_scope_needs_a_batch_that_splits_over_the_devices():
+  config = default.get_config('method=sam')
+  config.method.perturbation_scope = 'per_device'
+  config.input.batch_size = 100
+  with pytest.raises(ValueError, match=r'config.input.batch_size must be divisible by the numb'):
+    validation.validate_config(config, num_devices=8)
+  config.input.batch_size = 96
+  config.input.eval_batch_size = 800
+  validation.validate_config(config, num_devices=8)
+
+
 def test_config_argument_errors():
   with pytest.raises(ValueError, match=r"method must be one of \['sgd', 'saf', 'mesa', 'sam'"):
     default.get_config('method=sam+saf')
