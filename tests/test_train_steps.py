@@ -91,8 +91,8 @@ def test_positive_lam_changes_the_update(method, extra):
   assert max(jax.tree.leaves(diff)) > 1e-6
 
 
-def _manual_sgd_update(model, tx, state, batch, target_logits, mask, *, lam, tau):
-  """Params after one step on CE + lam * trajectory_loss, written out directly."""
+def _manual_objective(model, state, batch, target_logits, mask, *, lam, tau):
+  """CE + lam * trajectory_loss of ``batch`` as a function of params, written out directly."""
 
   def loss(params):
     z, _ = model.apply(
@@ -104,6 +104,12 @@ def _manual_sgd_update(model, tx, state, batch, target_logits, mask, *, lam, tau
     traj = losses.trajectory_loss(z, target_logits, temperature=tau, mask=mask)
     return losses.cross_entropy(z, batch['label']) + lam * traj
 
+  return loss
+
+
+def _manual_sgd_update(model, tx, state, batch, target_logits, mask, *, lam, tau):
+  """Params after one step on CE + lam * trajectory_loss, written out directly."""
+  loss = _manual_objective(model, state, batch, target_logits, mask, lam=lam, tau=tau)
   updates, _ = tx.update(jax.grad(loss)(state.params), state.opt_state, state.params)
   return optax.apply_updates(state.params, updates)
 
@@ -240,17 +246,9 @@ def test_saf_plus_sam_perturbs_the_objective_with_the_trajectory_term():
   )
   new_state, metrics, logits = jax.jit(step)(state, batch)
 
-  def objective(params):
-    z, _ = model.apply(
-      {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
-      train=True,
-      mutable=['batch_stats'],
-    )
-    traj = losses.trajectory_loss(
-      z, batch['target_logits'], temperature=tau, mask=batch['target_mask']
-    )
-    return losses.cross_entropy(z, batch['label']) + lam * traj
+  objective = _manual_objective(
+    model, state, batch, batch['target_logits'], batch['target_mask'], lam=lam, tau=tau
+  )
 
   g = jax.grad(objective)(state.params)
   g_norm = optax.global_norm(g)
