@@ -83,7 +83,7 @@ def run_benchmark(
   """
   import jax
 
-  from saf_jax import train
+  from saf_jax import train, validation
 
   if rounds < 1 or steps < 1 or warmup_steps < 0:
     raise ValueError('--rounds and --steps must be >= 1 and --warmup_steps >= 0.')
@@ -91,10 +91,7 @@ def run_benchmark(
   for method in methods:
     cfg = config.copy_and_resolve_references()
     cfg.method.name = method
-    if not synthetic:
-      from saf_jax import validation
-
-      validation.validate_config(cfg, num_devices=jax.device_count())
+    validation.validate_config(cfg, num_devices=jax.device_count(), check_input=not synthetic)
     configs[method] = cfg
   if synthetic:
     if config.input.dataset not in _SYNTHETIC_INFO:

@@ -109,7 +109,9 @@ class Checkpointer:
     """The last completed epoch saved, or None."""
     return self._manager.latest_step()
 
-  def save(self, epoch: int, state: Any, table: dict[str, np.ndarray] | None) -> None:
+  def save(
+    self, epoch: int, state: Any, table: dict[str, np.ndarray] | None, *, num_devices: int
+  ) -> None:
     """Saves after ``epoch``; blocks until the checkpoint is committed.
 
     Args:
@@ -117,15 +119,19 @@ class Checkpointer:
       state: the ``TrainState``.
       table: SAF's ``LogitTable.state_dict()``; None for methods without a table (Orbax
         refuses an empty item, so there is then no ``table`` item).
+      num_devices: devices on the run's 'data' mesh axis, kept in ``meta``.
     """
-    items = {
-      'state': ocp.args.StandardSave(state),
-      'meta': ocp.args.JsonSave({'epoch': epoch, 'step': int(jax.device_get(state.step))}),
-    }
+    meta = {'epoch': epoch, 'step': int(jax.device_get(state.step)), 'num_devices': num_devices}
+    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if table:
       items['table'] = ocp.args.StandardSave(table)
     self._manager.save(epoch, args=ocp.args.Composite(**items))
     self._manager.wait_until_finished()
+
+  def meta(self, epoch: int) -> dict[str, Any]:
+    """The ``meta`` item (epoch, step, num_devices) saved after ``epoch``, alone."""
+    restored = self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored.meta
 
   def restore(
     self, epoch: int, abstract_state: Any, abstract_table: dict[str, Any] | None

@@ -82,7 +82,8 @@ def create_optimizer(
   gradient. With ``decay_norm_and_bias=False`` 1-D parameters (biases, BatchNorm scale
   and bias) are not decayed, as timm's default for the paper's code. For a SAM-family
   method weight decay thus acts on the final gradient at :math:`\\theta` only, never on
-  the perturbation (as in Foret et al.'s and the ESAM/GSAM authors' code).
+  the perturbation (as in the ESAM and GSAM authors' PyTorch code; Foret et al.'s JAX
+  code instead adds an L2 term to the loss, which then also enters the perturbation).
 
   Args:
     config: the run's config (``optimizer``, ``method``, ``num_epochs``, ``seed``).
@@ -108,7 +109,10 @@ def create_optimizer(
       base, rho=hp.rho, eta=hp.eta, adaptive_params=hp.adaptive_params, **common
     )
   if perturbation == 'gsam':
-    lr_min = 0.0 if config.optimizer.schedule == 'cosine' else config.optimizer.lr
+    # The schedule's lowest learning rate: 0 at the end of a cosine or the start of a
+    # warm-up, so that rho follows both; a constant schedule without warm-up keeps rho_max.
+    constant = config.optimizer.schedule == 'constant' and not config.optimizer.warmup_epochs
+    lr_min = config.optimizer.lr if constant else 0.0
     return transforms.gsam(
       base,
       learning_rate=schedule,
@@ -431,7 +435,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   exp = build_experiment(config, datasets.info)
   method = exp.method
   os.makedirs(workdir, exist_ok=True)
-  checkpoint.write_config(config, workdir)
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
 
   table = exp.new_table()
@@ -441,6 +444,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_epoch = 1
   latest = ckpt.latest_epoch()
   if latest is not None:
+    saved_devices = ckpt.meta(latest).get('num_devices')
+    if exp.per_device and saved_devices != exp.mesh.size:
+      # The per-device batch (SAM's m) and BatchNorm's shard statistics depend on it.
+      raise ValueError(
+        f'config.method.perturbation_scope is per_device, and the checkpoint in {workdir!r} '
+        f'was trained on {saved_devices} devices but this run has {exp.mesh.size}: set '
+        f'config.mesh.data={saved_devices} or use a new --workdir.'
+      )
+    checkpoint.write_config(config, workdir)
     state, table_arrays, meta = ckpt.restore(
       latest, exp.abstract_state, table.state_dict() if table else None
     )
@@ -449,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_epoch = meta['epoch'] + 1
     logging.info('Resumed after epoch %d (step %d).', meta['epoch'], meta['step'])
   else:
+    checkpoint.write_config(config, workdir)
     state = exp.init_state()
   writer = metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1)
 
@@ -488,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write(record)
     if last or epoch % config.checkpoint.every_epochs == 0:
       save_start = time.perf_counter()
-      ckpt.save(epoch, state, table.state_dict() if table else None)
+      ckpt.save(epoch, state, table.state_dict() if table else None, num_devices=exp.mesh.size)
       logging.info('Checkpoint after epoch %d: %.1f s.', epoch, time.perf_counter() - save_start)
     logging.info(
       'epoch %d: %s',

@@ -179,9 +179,11 @@ def _maybe_pmean(tree: Any, axis_name: str | None) -> Any:
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name=axis_name)
 
 
-def _require_grad_fn(name: str, grad_fn: GradFn | None) -> GradFn:
+def _require_grad_fn(name: str, grad_fn: GradFn | None, params: Any) -> GradFn:
   if grad_fn is None:
     raise ValueError(f'{name}.update needs grad_fn=..., the gradient at given params.')
+  if params is None:
+    raise ValueError(f'{name}.update needs params, the point the perturbation starts from.')
   return grad_fn
 
 
@@ -269,7 +271,7 @@ def sam(
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
-    grad_fn = _require_grad_fn('sam', grad_fn)
+    grad_fn = _require_grad_fn('sam', grad_fn, params)
     eps = _sam_perturbation(updates, rho)  # Eq. 4.
     sam_grads = grad_fn(optax.apply_updates(params, eps))  # Eq. 3: gradient at theta + eps.
     new_updates, base_state = _base_update(
@@ -364,7 +366,7 @@ def asam(
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
-    grad_fn = _require_grad_fn('asam', grad_fn)
+    grad_fn = _require_grad_fn('asam', grad_fn, params)
     mask = asam_adaptive_mask(params, adaptive_params)
     t_w = jax.tree.map(lambda p, m: jnp.abs(p) + eta if m else jnp.ones_like(p), params, mask)
     t_g = jax.tree.map(lambda t, g: t * g, t_w, updates)  # T_theta g.
@@ -480,7 +482,7 @@ def gsam(
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
-    grad_fn = _require_grad_fn('gsam', grad_fn)
+    grad_fn = _require_grad_fn('gsam', grad_fn, params)
     rho = gsam_rho(
       schedule(state.count), rho_max=rho_max, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min
     )
@@ -557,10 +559,13 @@ def looksam(
 
   Returns:
     A gradient transformation; ``update(grads, state, params, *, grad_fn,
-    sam_step=None)``.
+    sam_step=None)``. A ``sam_step`` passed in is trusted to equal ``count % k == 0``
+    (not checked in the graph); ``train.Experiment`` derives it from ``state.step``,
+    which advances with ``count``.
 
   Raises:
-    ValueError: if ``rho < 0``, ``k < 1`` or ``alpha < 0``.
+    ValueError: if ``rho < 0``, ``k < 1`` or ``alpha < 0`` (construction), or if
+      ``grad_fn`` or ``params`` is missing (update).
 
   References:
     Liu et al, `Towards Efficient and Scalable Sharpness-Aware Minimization
@@ -581,7 +586,7 @@ def looksam(
 
   def update_fn(updates, state, params=None, *, grad_fn=None, sam_step=None, **extra_args):
     del extra_args
-    grad_fn = _require_grad_fn('looksam', grad_fn)
+    grad_fn = _require_grad_fn('looksam', grad_fn, params)
     g = updates
 
     def full_step(_):
@@ -657,8 +662,8 @@ def esam(
 
   Returns:
     A gradient transformation; ``update(grads, state, params, *, grad_fn,
-    per_example_loss_fn, per_example_losses)``: ``grad_fn(params, indices)`` with
-    ``indices`` int32 [k] or None (whole batch); when ``gamma < 1``,
+    per_example_loss_fn, per_example_losses)``: ``grad_fn(params)`` for the whole batch
+    and, when ``gamma < 1``, ``grad_fn(params, indices)`` with ``indices`` int32 [k];
     ``per_example_loss_fn(params) -> float32 [B]`` and ``per_example_losses`` float32
     [B], the clean losses at ``params``.
 
@@ -688,7 +693,7 @@ def esam(
     **extra_args,
   ):
     del extra_args
-    grad_fn = _require_grad_fn('esam', grad_fn)
+    grad_fn = _require_grad_fn('esam', grad_fn, params)
     eps = _sam_perturbation(updates, rho)
     if beta < 1:  # SWP (Sec. 3.1 of the ESAM paper).
       key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
@@ -708,7 +713,7 @@ def esam(
       # round() first: 0.07 * 100 is 7.000000000000001 in floats, and must select 7.
       num_selected = max(1, math.ceil(round(gamma * sharpness.shape[0], 9)))
       _, indices = jax.lax.top_k(jax.lax.stop_gradient(sharpness), num_selected)
-    esam_grads = grad_fn(perturbed, indices)
+    esam_grads = grad_fn(perturbed) if indices is None else grad_fn(perturbed, indices)
     new_updates, base_state = _base_update(
       base_optimizer, esam_grads, state.base_state, params, axis_name=batch_axis_name
     )

@@ -6,7 +6,7 @@ in a second instead of after a compile, and never touches an existing workdir.
 
 import ml_collections
 
-from saf_jax import input_pipeline, models, train_steps, transforms
+from saf_jax import models, train_steps, transforms
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
@@ -27,12 +27,16 @@ def _is_number(x) -> bool:
   return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+def validate_config(
+  config: ml_collections.ConfigDict, *, num_devices: int, check_input: bool = True
+) -> None:
   """Raises ``ValueError`` naming the first invalid field of ``config``.
 
   Args:
     config: the full training config (see ``configs/default.py``).
     num_devices: devices available; ``config.mesh.data`` may use fewer.
+    check_input: whether to check ``input.dataset`` and ``input.augment`` against the
+      TFDS pipeline (imports TensorFlow); False for ``benchmark --synthetic``.
 
   Raises:
     ValueError: for an unknown method, model, dataset, optimizer, schedule, augmentation
@@ -63,18 +67,21 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     config.model.name,
     f'one of {sorted(models.MODELS)}',
   )
-  _require(
-    config.input.dataset in input_pipeline.DATASETS,
-    'input.dataset',
-    config.input.dataset,
-    f'one of {list(input_pipeline.DATASETS)}',
-  )
-  _require(
-    config.input.augment in input_pipeline.AUGMENTATIONS,
-    'input.augment',
-    config.input.augment,
-    f'one of {list(input_pipeline.AUGMENTATIONS)}',
-  )
+  if check_input:
+    from saf_jax import input_pipeline  # Imports TensorFlow.
+
+    _require(
+      config.input.dataset in input_pipeline.DATASETS,
+      'input.dataset',
+      config.input.dataset,
+      f'one of {list(input_pipeline.DATASETS)}',
+    )
+    _require(
+      config.input.augment in input_pipeline.AUGMENTATIONS,
+      'input.augment',
+      config.input.augment,
+      f'one of {list(input_pipeline.AUGMENTATIONS)}',
+    )
   _require(_is_int(config.seed), 'seed', config.seed, 'an integer')
   _require(
     _is_int(config.log_every_steps) and config.log_every_steps >= 1,

@@ -14,7 +14,7 @@ SMOKE_EPOCHS = 4  # configs/default.py:smoke: E_start = 1 and, for SAF, E_tilde 
 SAM_FAMILY_RUNS = ('sam', 'asam', 'gsam', 'looksam', 'esam', 'saf+sam')
 
 
-def _main(workdir, config_arg, data_dir, *overrides, check=True):
+def _main(workdir, config_arg, data_dir, *overrides, check=True, num_cpu_devices=None):
   cmd = [
     sys.executable,
     'main.py',
@@ -24,6 +24,8 @@ def _main(workdir, config_arg, data_dir, *overrides, check=True):
     *overrides,
   ]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  if num_cpu_devices is not None:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_cpu_devices}'
   proc = subprocess.run(
     cmd, cwd=conftest.REPO_ROOT, capture_output=True, text=True, env=env, timeout=900
   )
@@ -158,3 +160,23 @@ def test_incompatible_checkpoint_is_refused_and_kept(smoke_runs, fashion_mnist_d
   assert 'model.width: workdir has 8, config has 16' in proc.stderr
   assert sorted(os.walk(workdir)) == listing
   assert _records(workdir) == records
+
+
+def test_per_device_run_refuses_to_resume_on_another_device_count(fashion_mnist_data_dir, tmp_path):
+  """With the per-device scope the device count sets SAM's m: a resume must keep it."""
+  workdir = str(tmp_path / 'm')
+  args = ('method=sam,smoke', fashion_mnist_data_dir, '--config.num_epochs=1')
+  scope = '--config.method.perturbation_scope=per_device'
+  _main(workdir, *args, scope, num_cpu_devices=2)
+  records = _records(workdir)
+  listing = sorted(os.walk(workdir))
+  config_json = (tmp_path / 'm' / 'config.json').read_text()
+  proc = _main(workdir, *args, scope, '--config.mesh.data=1', check=False, num_cpu_devices=2)
+  assert proc.returncode != 0
+  assert 'was trained on 2 devices but this run has 1: set config.mesh.data=2' in proc.stderr
+  assert sorted(os.walk(workdir)) == listing
+  assert (tmp_path / 'm' / 'config.json').read_text() == config_json
+  assert _records(workdir) == records
+  # The same command on the same device count finds the run finished.
+  proc = _main(workdir, *args, scope, num_cpu_devices=2)
+  assert 'all 1 epochs were already done' in proc.stdout

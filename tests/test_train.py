@@ -228,3 +228,31 @@ def test_per_device_scope_is_the_mean_of_each_shards_sam_gradient():
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'per-device scope OK' in proc.stdout
+
+
+@pytest.mark.parametrize(
+  'schedule, warmup_epochs, moves',
+  [('constant', 0, True), ('constant', 1, False), ('cosine', 0, True)],
+)
+def test_gsam_rho_follows_a_warm_up_from_zero(schedule, warmup_epochs, moves):
+  """At step 0 of a warm-up the learning rate is 0, so GSAM's rho is rho_min = 0."""
+  import jax
+
+  config = default.get_config('method=gsam')
+  config.optimizer.schedule = schedule
+  config.optimizer.warmup_epochs = warmup_epochs
+  config.optimizer.weight_decay = 0.0
+  config.method.gsam.alpha = 0.0
+  config.method.gsam.rho_min = 0.0
+  tx = train.create_optimizer(config, steps_per_epoch=10)
+  params = {'w': jnp.array([3.0, -4.0])}
+  grad_fn = jax.grad(lambda p: jnp.sum(p['w'] ** 4))  # Not linear: a perturbation shows.
+  seen = []
+  tx.update(
+    grad_fn(params), tx.init(params), params, grad_fn=lambda p: seen.append(p) or grad_fn(p)
+  )
+  moved = float(jnp.linalg.norm(seen[0]['w'] - params['w']))  # |eps| = rho.
+  if moves:
+    np.testing.assert_allclose(moved, config.method.gsam.rho_max, rtol=1e-5)
+  else:
+    assert moved == 0.0

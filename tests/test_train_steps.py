@@ -337,3 +337,36 @@ def test_looksam_host_chosen_steps_equal_the_in_graph_conditional():
   _assert_trees_equal(a.params, b.params, exact=False)
   _assert_trees_equal(a.opt_state.g_v, b.opt_state.g_v, exact=False)
   assert int(b.opt_state.count) == 7
+
+
+def test_esam_per_example_losses_average_to_the_objective_under_a_partial_mask():
+  """SDS ranks each example by its share of the very loss that is minimised."""
+
+  def spy():
+    def init_fn(params):
+      del params
+      return {'mean': jnp.zeros([]), 'refit': jnp.zeros([])}
+
+    def update_fn(updates, state, params=None, **extra_args):
+      del state
+      losses_at_theta = extra_args['per_example_losses']
+      refit = extra_args['per_example_loss_fn'](params)
+      return updates, {
+        'mean': jnp.mean(losses_at_theta),
+        'refit': jnp.abs(refit - losses_at_theta).max(),
+      }
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  model, _, state = _setup('saf')
+  tx = spy()
+  state = state.replace(opt_state=tx.init(state.params))
+  batch = _batches(1)[0]
+  batch['target_mask'] = np.array([1, 0, 0, 1, 0, 1, 0, 0], np.float32)
+  step = train_steps.make_train_step(
+    model=model, tx=tx, method='saf+esam', lam=0.3, tau=5.0, trajectory_active=True
+  )
+  new_state, metrics, _ = jax.jit(step)(state, batch)
+  np.testing.assert_allclose(new_state.opt_state['mean'], metrics['loss'], rtol=1e-6)
+  assert metrics['trajectory_loss'] > 0
+  assert float(new_state.opt_state['refit']) < 1e-5
