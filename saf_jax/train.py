@@ -1,9 +1,9 @@
 """The training loop: data, state, SAF's table, evaluation, checkpoints and metrics.
 
 Everything with side effects lives here; steps, losses, transforms and models are pure.
-``train_and_evaluate`` implements Algorithm 1 of Du et al. 2022 for SAF and MESA, and
-vanilla training with the same base optimizer, init, data order and schedule, so runs of
-the three methods with one seed are directly comparable.
+``train_and_evaluate`` implements Algorithm 1 of Du et al. 2022 for SAF and MESA, the
+SAM-family baselines, and vanilla training, all with the same base optimizer, init, data
+order and schedule, so runs of any two methods with one seed are directly comparable.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-r"""Pure train and eval steps for vanilla training (SGD/AdamW), SAF and MESA.
+r"""Pure train and eval steps for every method: SGD/AdamW, SAF, MESA and the SAM family.
 
 One step of Algorithm 1 of Du et al. 2022, for a mini-batch :math:`B` in epoch :math:`e`:
 
@@ -13,8 +13,12 @@ a static argument of the step factory, so the loop compiles one step for epochs
 :math:`\le E_{start}` and one for later epochs, and MESA's teacher forward runs only
 when its loss is used.
 
+A SAM-family method (``saf_jax.transforms``; alone, or composed as ``'saf+sam'``) takes
+its second gradient of the same objective, with the same targets, at perturbed params.
+
 BatchNorm policy: the student's ``batch_stats`` are updated exactly once per step, from
-its own training forward pass. MESA's teacher runs in eval mode with
+its own training forward pass at :math:`\theta`. Perturbed passes normalise with their
+batch's statistics and write none; MESA's teacher runs in eval mode with
 ``ema_batch_stats`` and writes nothing.
 """
 

@@ -1,5 +1,16 @@
 r"""Optax-style transforms for sharpness-aware training.
 
+Two groups: MESA's parameter EMA (``ema_params``), and the SAM-family baselines (``sam``,
+``asam``, ``gsam``, ``looksam``, ``esam``), each wrapping a base optimizer. The latter
+follow ``optax.contrib.sam``'s opaque mode: ``update`` receives the clean gradient
+:math:`g = \nabla L_B(\theta)` and a ``grad_fn`` for the gradient at other params::
+
+  eps = perturbation(g, params)                  # e.g. rho * g / ||g||  (SAM, Eq. 4)
+  final = combine(g, grad_fn(params + eps))      # e.g. the perturbed gradient itself
+  updates, base_state = base.update(final, base_state, params)
+
+so that a loop with side effects (BatchNorm statistics) controls every forward pass.
+
 MESA's teacher (Eq. 10 of Du et al. 2022) is an exponential moving average of the
 weights, not of the updates (``optax.ema`` averages updates)::
 
