@@ -566,7 +566,7 @@ def test_esam_stochastic_weight_perturbation():
   def perturbations(seed, num_steps):
     """eps of each step: at theta = 0, grad_fn returning its params gives theta + eps = eps."""
     tx = transforms.esam(optax.identity(), rho=rho, beta=beta, gamma=1.0, seed=seed)
-    update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=lambda q, _: q))
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=lambda q: q))
     state, out = tx.init(params), []
     for _ in range(num_steps):
       eps, state = update(grads, state, params)
