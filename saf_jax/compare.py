@@ -23,7 +23,11 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('config', None, 'Config file (without the :method=... argument).')
+flags.DEFINE_string(
+  'config',
+  None,
+  'Config file, with optional arguments (configs/default.py:smoke); method= is added.',
+)
 flags.DEFINE_list('methods', ['sgd', 'sam', 'saf', 'mesa'], 'Methods to compare.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each sets config.seed.')
 flags.DEFINE_string('workdir', None, 'Parent directory of the runs.')
@@ -47,7 +51,7 @@ def run_one(config: str, method: str, seed: int, workdir: str, overrides: list[s
   cmd = [
     sys.executable,
     str(_MAIN),
-    f'--config={config}:method={method}',
+    f'--config={config}{"," if ":" in config else ":"}method={method}',
     f'--workdir={workdir}',
     f'--config.seed={seed}',
     *overrides,
