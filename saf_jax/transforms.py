@@ -216,6 +216,33 @@ def _base_update(base_optimizer, grads, state, params, *, axis_name):
   return base_optimizer.update(grads, state, params)
 
 
+def _wrap_base(
+  name: str,
+  base_optimizer: optax.GradientTransformation,
+  final_gradient: Callable[..., Any],
+  *,
+  batch_axis_name: str | None,
+) -> optax.GradientTransformationExtraArgs:
+  """A transform with :class:`SAMState` whose base optimizer steps on a final gradient.
+
+  ``final_gradient(g, params, count, grad_fn, **extra_args)`` maps the clean gradient to
+  the method's gradient; the rest (state, checks, per-device averaging) is shared.
+  """
+
+  def init_fn(params):
+    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base_optimizer.init(params))
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    grad_fn = _require_grad_fn(name, grad_fn, params)
+    final = final_gradient(updates, params, state.count, grad_fn, **extra_args)
+    new_updates, base_state = _base_update(
+      base_optimizer, final, state.base_state, params, axis_name=batch_axis_name
+    )
+    return new_updates, SAMState(count=state.count + 1, base_state=base_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def sam(
   base_optimizer: optax.GradientTransformation,
   *,
@@ -277,20 +304,12 @@ def sam(
   """
   _check_nonnegative('sam rho', rho)
 
-  def init_fn(params):
-    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base_optimizer.init(params))
+  def final_gradient(g, params, count, grad_fn, **extra_args):
+    del count, extra_args
+    eps = _sam_perturbation(g, rho)  # Eq. 4.
+    return grad_fn(optax.apply_updates(params, eps))  # Eq. 3: gradient at theta + eps.
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    del extra_args
-    grad_fn = _require_grad_fn('sam', grad_fn, params)
-    eps = _sam_perturbation(updates, rho)  # Eq. 4.
-    sam_grads = grad_fn(optax.apply_updates(params, eps))  # Eq. 3: gradient at theta + eps.
-    new_updates, base_state = _base_update(
-      base_optimizer, sam_grads, state.base_state, params, axis_name=batch_axis_name
-    )
-    return new_updates, SAMState(count=state.count + 1, base_state=base_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _wrap_base('sam', base_optimizer, final_gradient, batch_axis_name=batch_axis_name)
 
 
 ASAM_ADAPTIVE_PARAMS = ('weights', 'kernels', 'all')
@@ -372,24 +391,16 @@ def asam(
   _check_nonnegative('asam eta', eta)
   asam_adaptive_mask({}, adaptive_params)  # Validates the name.
 
-  def init_fn(params):
-    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base_optimizer.init(params))
-
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    del extra_args
-    grad_fn = _require_grad_fn('asam', grad_fn, params)
+  def final_gradient(g, params, count, grad_fn, **extra_args):
+    del count, extra_args
     mask = asam_adaptive_mask(params, adaptive_params)
     t_w = jax.tree.map(lambda p, m: jnp.abs(p) + eta if m else jnp.ones_like(p), params, mask)
-    t_g = jax.tree.map(lambda t, g: t * g, t_w, updates)  # T_theta g.
+    t_g = jax.tree.map(lambda t, gi: t * gi, t_w, g)  # T_theta g.
     scale = rho * _safe_inverse(_norm(t_g))
     eps = jax.tree.map(lambda t, tg: (scale * t * tg).astype(tg.dtype), t_w, t_g)
-    asam_grads = grad_fn(optax.apply_updates(params, eps))
-    new_updates, base_state = _base_update(
-      base_optimizer, asam_grads, state.base_state, params, axis_name=batch_axis_name
-    )
-    return new_updates, SAMState(count=state.count + 1, base_state=base_state)
+    return grad_fn(optax.apply_updates(params, eps))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _wrap_base('asam', base_optimizer, final_gradient, batch_axis_name=batch_axis_name)
 
 
 def gsam_rho(
@@ -488,25 +499,15 @@ def gsam(
     raise ValueError(f'gsam lr_min must be <= lr_max, got {lr_min} > {lr_max}.')
   schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
 
-  def init_fn(params):
-    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base_optimizer.init(params))
-
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def final_gradient(g, params, count, grad_fn, **extra_args):
     del extra_args
-    grad_fn = _require_grad_fn('gsam', grad_fn, params)
-    rho = gsam_rho(
-      schedule(state.count), rho_max=rho_max, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min
-    )
-    g_p = grad_fn(optax.apply_updates(params, _sam_perturbation(updates, rho)))
+    rho = gsam_rho(schedule(count), rho_max=rho_max, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min)
+    g_p = grad_fn(optax.apply_updates(params, _sam_perturbation(g, rho)))
     g_p_unit = _scale(g_p, _safe_inverse(_norm(g_p)))
-    g_perp = _axpy(-_vdot(updates, g_p_unit), g_p_unit, updates)  # Algorithm 1, line 6.
-    gsam_grads = _axpy(-alpha, g_perp, g_p)
-    new_updates, base_state = _base_update(
-      base_optimizer, gsam_grads, state.base_state, params, axis_name=batch_axis_name
-    )
-    return new_updates, SAMState(count=state.count + 1, base_state=base_state)
+    g_perp = _axpy(-_vdot(g, g_p_unit), g_p_unit, g)  # Algorithm 1, line 6.
+    return _axpy(-alpha, g_perp, g_p)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _wrap_base('gsam', base_optimizer, final_gradient, batch_axis_name=batch_axis_name)
 
 
 class LookSAMState(NamedTuple):
@@ -690,24 +691,13 @@ def esam(
     if not 0 < value <= 1:
       raise ValueError(f'esam {name} must lie in (0, 1], got {value}.')
 
-  def init_fn(params):
-    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base_optimizer.init(params))
-
-  def update_fn(
-    updates,
-    state,
-    params=None,
-    *,
-    grad_fn=None,
-    per_example_loss_fn=None,
-    per_example_losses=None,
-    **extra_args,
+  def final_gradient(
+    g, params, count, grad_fn, *, per_example_loss_fn=None, per_example_losses=None, **extra_args
   ):
     del extra_args
-    grad_fn = _require_grad_fn('esam', grad_fn, params)
-    eps = _sam_perturbation(updates, rho)
+    eps = _sam_perturbation(g, rho)
     if beta < 1:  # SWP (Sec. 3.1 of the ESAM paper).
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), count)
       leaves, treedef = jax.tree.flatten(eps)
       keys = jax.random.split(key, len(leaves))
       leaves = [
@@ -724,10 +714,6 @@ def esam(
       # round() first: 0.07 * 100 is 7.000000000000001 in floats, and must select 7.
       num_selected = max(1, math.ceil(round(gamma * sharpness.shape[0], 9)))
       _, indices = jax.lax.top_k(jax.lax.stop_gradient(sharpness), num_selected)
-    esam_grads = grad_fn(perturbed) if indices is None else grad_fn(perturbed, indices)
-    new_updates, base_state = _base_update(
-      base_optimizer, esam_grads, state.base_state, params, axis_name=batch_axis_name
-    )
-    return new_updates, SAMState(count=state.count + 1, base_state=base_state)
+    return grad_fn(perturbed) if indices is None else grad_fn(perturbed, indices)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _wrap_base('esam', base_optimizer, final_gradient, batch_axis_name=batch_axis_name)
