@@ -156,10 +156,11 @@ def make_train_step(
         mask = sub.get('target_mask')
         traj = losses.trajectory_loss(logits, sub['target_logits'], temperature=tau, mask=mask)
         loss = ce + lam * traj  # Algorithm 1, line 11.
-        kl = losses.per_example_kl(logits, sub['target_logits'], temperature=tau)
-        if mask is not None:  # Each example's share of the masked mean: mean(...) == loss.
-          kl = kl * mask * mask.shape[0] / jnp.maximum(jnp.sum(mask), 1.0)
-        per_example = per_example + lam * tau**2 * kl
+        if perturbation == 'esam':  # SDS ranks examples by their share of the objective.
+          kl = losses.per_example_kl(logits, sub['target_logits'], temperature=tau)
+          if mask is not None:  # Each example's share of the masked mean: mean(...) == loss.
+            kl = kl * mask * mask.shape[0] / jnp.maximum(jnp.sum(mask), 1.0)
+          per_example = per_example + lam * tau**2 * kl
       return loss, (logits, new_batch_stats, ce, traj, per_example)
 
     params = state.params
