@@ -135,6 +135,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.every_epochs = 1  # Test-set evaluation period, epochs (and after the last).
 
+  # Analysis (saf_jax.sharpness; `python -m saf_jax.analyze` for the other tools).
+  config.analysis = ml_collections.ConfigDict()
+  # Epochs between measurements of SAM's sharpness (Fig. 4b of Du et al. 2022), logged as
+  # train/sam_sharpness (and after the last epoch); 0 = never.
+  config.analysis.sharpness_every_epochs = 1
+  config.analysis.rho = 0.05  # Radius of the measurement (Fig. 4b: 0.05), any method.
+  config.analysis.sharpness_num_batches = 8  # Fixed train batches (input.batch_size each).
+  config.analysis.subset_seed = 0  # Picks those batches; same for every method and seed.
+
   # Checkpoint.
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 1  # Save period, epochs (and after the last).

@@ -30,6 +30,7 @@ _RESUME_FREE = (
   'eval',
   'checkpoint',
   'mesh',
+  'analysis',
 )
 
 

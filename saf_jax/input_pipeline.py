@@ -106,6 +106,7 @@ _PREFETCH_BATCHES = 2
 _PERMUTATION_STREAM = 0
 _FLIP_STREAM = 1
 _CROP_STREAM = 2
+_SUBSET_STREAM = 3  # train_subset_batches (keyed by (seed, 0), not by an epoch).
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -247,6 +248,53 @@ class Datasets:
         )
       return {
         'image': self._normalise(images),
+        'label': tf.gather(self._train_labels, batch_ids),
+        'index': batch_ids,
+      }
+
+    ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size, drop_remainder=True)
+    return _numpy_batches(ds, make_batch)
+
+  def train_subset_batches(
+    self, *, num_batches: int, batch_size: int, seed: int
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """A fixed random subset of the train split, unaugmented, for measurements.
+
+    The subset is the first ``num_batches * batch_size`` ids of a permutation fixed by
+    ``seed`` alone (not by ``self.seed``), so runs of different methods and seeds are
+    measured on the same examples. Used by the sharpness, Hessian and loss-landscape tools
+    (``saf_jax.sharpness``, ``saf_jax.landscape``).
+
+    Args:
+      num_batches: number of batches, >= 1.
+      batch_size: examples per batch.
+      seed: picks the subset.
+
+    Returns:
+      An iterator over ``num_batches`` dicts like :meth:`train_epoch`'s, without
+      augmentation: ``'image'`` float32 [batch_size, H, W, C] normalised, ``'label'`` and
+      ``'index'`` int32 [batch_size].
+
+    Raises:
+      ValueError: if ``num_batches < 1``, ``batch_size < 1`` or the subset is larger than
+        the train split.
+    """
+    num_train = self.info.num_train
+    if num_batches < 1 or batch_size < 1 or num_batches * batch_size > num_train:
+      raise ValueError(
+        f'A subset of num_batches={num_batches} x batch_size={batch_size} examples needs '
+        f'both >= 1 and at most num_train={num_train} examples.'
+      )
+    key = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, 0], dtype=tf.int64), _SUBSET_STREAM, alg='philox'
+    )
+    ids = tf.random.experimental.stateless_shuffle(
+      tf.range(num_train, dtype=tf.int32), seed=key, alg='philox'
+    )[: num_batches * batch_size]
+
+    def make_batch(batch_ids: tf.Tensor) -> dict[str, tf.Tensor]:
+      return {
+        'image': self._normalise(tf.gather(self._train_images, batch_ids)),
         'label': tf.gather(self._train_labels, batch_ids),
         'index': batch_ids,
       }

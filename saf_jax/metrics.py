@@ -1,9 +1,17 @@
-"""Metric logging: one JSON object per line in ``workdir/metrics.jsonl``."""
+"""Metric logging: ``workdir/metrics.jsonl`` (one JSON object per epoch) and TensorBoard.
+
+``metrics.jsonl`` is the record the analysis tools read (``saf_jax.plots``); the TensorBoard
+event files (written with tensorboardX into the workdir itself) let
+``tensorboard --logdir runs/`` show every run under ``runs/`` side by side, one run per
+workdir, with the epoch as the step.
+"""
 
 import json
 import math
 import os
 from typing import Any
+
+import tensorboardX
 
 
 class JsonlWriter:
@@ -42,3 +50,38 @@ class JsonlWriter:
     }
     with open(self.path, 'a') as f:
       f.write(json.dumps(clean) + '\n')
+
+
+class TensorBoardWriter:
+  """Writes each record's numeric values as TensorBoard scalars, at step ``record['epoch']``.
+
+  Attributes:
+    logdir: the directory holding the event files (the workdir).
+  """
+
+  def __init__(self, workdir: str, *, keep_epochs_up_to: int):
+    """Opens an event file in ``workdir``.
+
+    Args:
+      workdir: the run's directory.
+      keep_epochs_up_to: the last epoch whose scalars are kept; TensorBoard discards the
+        events of later epochs (a resumed run rewrites them), via tensorboardX's
+        ``purge_step``.
+    """
+    self.logdir = workdir
+    self._writer = tensorboardX.SummaryWriter(
+      logdir=workdir, purge_step=keep_epochs_up_to + 1 if keep_epochs_up_to > 0 else None
+    )
+
+  def write(self, record: dict[str, Any]) -> None:
+    """Adds every finite int or float of ``record`` except ``epoch`` as a scalar; flushes."""
+    step = record['epoch']
+    for key, value in record.items():
+      if key == 'epoch' or isinstance(value, str | bool) or value is None:
+        continue
+      if math.isfinite(float(value)):
+        self._writer.add_scalar(key, float(value), global_step=step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()

@@ -29,6 +29,7 @@ from saf_jax import (
   metrics,
   models,
   sharding,
+  sharpness,
   train_state,
   train_steps,
   transforms,
@@ -437,6 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
 
+  batch_size = config.input.batch_size
   table = exp.new_table()
   if table is not None:
     logging.info('SAF logit table: %.2f MiB on the host.', table.nbytes / 2**20)
@@ -463,10 +465,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     checkpoint.write_config(config, workdir)
     state = exp.init_state()
-  writer = metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1)
+  writers = [
+    metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1),
+    metrics.TensorBoardWriter(workdir, keep_epochs_up_to=start_epoch - 1),
+  ]
+  analysis = config.analysis
+  if analysis.sharpness_every_epochs > 0:
+    # Fig. 4b of Du et al. 2022: SAM's sharpness on fixed, unaugmented training batches.
+    sharpness_batches = [
+      jax.device_put({k: b[k] for k in ('image', 'label')}, exp.data)
+      for b in datasets.train_subset_batches(
+        num_batches=analysis.sharpness_num_batches,
+        batch_size=batch_size,
+        seed=analysis.subset_seed,
+      )
+    ]
+    sharpness_fn = sharpness.model_sam_sharpness_fn(exp.model, rho=analysis.rho)
 
   eval_fn = jax.jit(functools.partial(train_steps.eval_step, exp.model))
-  batch_size = config.input.batch_size
   record: dict[str, Any] = {}
   for epoch in range(start_epoch, config.num_epochs + 1):
     active = exp.trajectory_active(epoch)
@@ -487,6 +503,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     record['train/images_per_sec'] = len(step_metrics) * batch_size / seconds
     record['train/epoch_time_sec'] = seconds
     last = epoch == config.num_epochs
+    if analysis.sharpness_every_epochs > 0 and (
+      last or epoch % analysis.sharpness_every_epochs == 0
+    ):
+      sharpness_start = time.perf_counter()
+      measured = sharpness.batch_mean(
+        functools.partial(sharpness_fn, state.params, state.batch_stats), sharpness_batches
+      )
+      record['train/sam_sharpness'] = measured['sharpness']
+      record['sharpness_time_sec'] = time.perf_counter() - sharpness_start
     eval_start = time.perf_counter()
     if last or epoch % config.eval.every_epochs == 0:
       weights = {'test': (state.params, state.batch_stats)}
@@ -498,7 +523,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         record.update({f'{prefix}/{k}': v for k, v in result.items()})
     record['eval_time_sec'] = time.perf_counter() - eval_start
     # Metrics first: a resumed run drops records past its checkpoint, never misses one.
-    writer.write(record)
+    for writer in writers:
+      writer.write(record)
     if last or epoch % config.checkpoint.every_epochs == 0:
       save_start = time.perf_counter()
       ckpt.save(epoch, state, table.state_dict() if table else None, num_devices=exp.mesh.size)
@@ -509,6 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ', '.join(f'{k}={v:.4g}' for k, v in record.items() if isinstance(v, float)),
     )
   ckpt.close()
+  writers[1].close()
 
   wall = time.perf_counter() - wall_start
   if not record:

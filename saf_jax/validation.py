@@ -45,7 +45,9 @@ def validate_config(
       (the per-device perturbation scope splits the batch the same way); non-positive
       epochs, learning rate or periods; an unknown ``perturbation_scope``; for the SAM
       family ``rho``/``eta``/``alpha < 0``, ``k < 1``, ``beta``/``gamma`` outside (0, 1],
-      ``rho_min > rho_max`` or an unknown ASAM ``adaptive_params``.
+      ``rho_min > rho_max`` or an unknown ASAM ``adaptive_params``; analysis fields
+      out of range (``sharpness_every_epochs < 0``, ``rho <= 0``, more sharpness batches
+      than the training set holds).
   """
   mesh_data = config.mesh.data
   _require(
@@ -61,6 +63,7 @@ def validate_config(
     method in train_steps.METHODS, 'method.name', method, f'one of {list(train_steps.METHODS)}'
   )
   _validate_periods(config)
+  _validate_analysis(config)
   _require(
     config.model.name in models.MODELS,
     'model.name',
@@ -237,3 +240,38 @@ def _validate_periods(config: ml_collections.ConfigDict) -> None:
     section, name = field.split('.')
     value = config[section][name]
     _require(_is_int(value) and value >= 1, field, value, 'an integer >= 1')
+
+
+def _validate_analysis(config: ml_collections.ConfigDict) -> None:
+  analysis = config.analysis
+  every = analysis.sharpness_every_epochs
+  _require(
+    _is_int(every) and every >= 0,
+    'analysis.sharpness_every_epochs',
+    every,
+    'an integer >= 0 (0 = off)',
+  )
+  if every == 0:
+    return
+  _require(
+    _is_number(analysis.rho) and analysis.rho > 0, 'analysis.rho', analysis.rho, 'a number > 0'
+  )
+  num_batches = analysis.sharpness_num_batches
+  _require(
+    _is_int(num_batches) and num_batches >= 1,
+    'analysis.sharpness_num_batches',
+    num_batches,
+    'an integer >= 1',
+  )
+  num_train = config.input.num_train_examples
+  if _is_int(num_train) and num_train > 0 and _is_int(config.input.batch_size):
+    _require(
+      num_batches * config.input.batch_size <= num_train,
+      'analysis.sharpness_num_batches',
+      num_batches,
+      f'at most input.num_train_examples // input.batch_size = '
+      f'{num_train // config.input.batch_size}',
+    )
+  _require(
+    _is_int(analysis.subset_seed), 'analysis.subset_seed', analysis.subset_seed, 'an integer'
+  )
