@@ -178,11 +178,14 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
     validation.validate_config(config, num_devices=jax.device_count())
   except ValueError as e:
     raise ValueError(f'The config.json of {workdir!r} is invalid: {e}') from e
+  no_checkpoint = ValueError(f'{workdir!r} has no checkpoint in checkpoints/: train it first.')
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise no_checkpoint  # Checked first: the manager would create the directory.
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep)
   try:
     saved = ckpt.epochs()
     if not saved:
-      raise ValueError(f'{workdir!r} has no checkpoint in checkpoints/: train it first.')
+      raise no_checkpoint
     epoch = saved[-1] if epoch is None else epoch
     if epoch not in saved:
       raise ValueError(f'No checkpoint of epoch {epoch} in {workdir!r}; saved epochs: {saved}.')

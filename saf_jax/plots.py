@@ -158,6 +158,9 @@ def _levels(losses: Sequence[np.ndarray]) -> np.ndarray:
   top level are drawn at it (a flat cap on the 3D surface).
   """
   values = np.concatenate([np.ravel(z) for z in losses])
+  values = values[np.isfinite(values)]  # A diverged grid point is left blank, not fatal.
+  if not values.size:
+    raise ValueError('Every loss of the landscape is NaN or infinite; nothing to draw.')
   low, high = float(np.min(values)), float(np.quantile(values, 0.9))
   return np.linspace(low, high if high > low else low + 1e-6, 21)
 
@@ -197,5 +200,9 @@ def _save(fig, path: str) -> None:
   """Writes ``fig`` to ``path`` atomically (a partial PNG never replaces a good one)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=DPI)
-  os.replace(tmp, path)
+  try:
+    fig.savefig(tmp, dpi=DPI)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -195,8 +195,10 @@ class HessianEigenvalues:
   """The result of :func:`hessian_top_eigenvalues`.
 
   Attributes:
-    eigenvalues: float64 [k], the largest Ritz values, descending.
-    residuals: float64 [k], :math:`\\|H y_i - \\lambda_i y_i\\|_2` of each unit Ritz vector
+    eigenvalues: float64 [m], the largest Ritz values, descending; ``m = k`` unless the
+      Krylov space became invariant first (then ``m < k``, every value is exact and
+      ``converged`` is False: fewer distinct eigenvalues are reachable from the start).
+    residuals: float64 [m], :math:`\\|H y_i - \\lambda_i y_i\\|_2` of each unit Ritz vector
       :math:`y_i`; an eigenvalue of :math:`H` lies within it of :math:`\\lambda_i`.
     iterations: Lanczos iterations run (Hessian-vector products over all batches).
     converged: whether every residual reached ``tol * |eigenvalue|``.
@@ -220,7 +222,9 @@ def lanczos(
   r"""The ``k`` largest (algebraic) eigenvalues of a symmetric operator by Lanczos.
 
   Lanczos iteration with full re-orthogonalisation (twice per step) in float64 on the
-  host, stopping when each of the top ``k`` Ritz values has residual
+  host. A single start vector sees each distinct eigenvalue once: for a repeated top
+  eigenvalue (e.g. ``[5, 5, 3]``) ``k = 2`` returns ``[5, 3]``, each value an eigenvalue
+  within its residual. It stops when each of the top ``k`` Ritz values has residual
   :math:`|\beta_m s_{m,i}| \le` ``tol`` :math:`\cdot |\lambda_i|`, when the Krylov space is
   invariant (exact), or after ``max_iterations``. Host memory: ``max_iterations * dim``
   float64 values for the basis.
