@@ -436,12 +436,24 @@ def _check_flags() -> None:
   unknown = [t for t in FLAGS.tools if t not in TOOLS]
   if unknown or not FLAGS.tools:
     raise app.UsageError(f'--tools must be a subset of {list(TOOLS)}, got {FLAGS.tools}.')
-  landscape.grid_coordinates(FLAGS.grid, FLAGS.extent)  # Raises ValueError.
+  try:
+    landscape.grid_coordinates(FLAGS.grid, FLAGS.extent)
+  except ValueError as e:
+    raise app.UsageError(f'--grid/--extent: {e}') from e
   if len(FLAGS.workdir) > 1 and FLAGS.out_dir is None:
     raise app.UsageError('Several --workdir values need --out_dir for the combined figures.')
   for name in ('num_examples', 'batch_size', 'hessian_k', 'hessian_iterations', 'chunk_size'):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f'--{name} must be >= 1, got {getattr(FLAGS, name)}.')
+  if FLAGS.hessian_iterations < FLAGS.hessian_k:
+    raise app.UsageError(
+      f'--hessian_iterations must be >= --hessian_k={FLAGS.hessian_k}, got '
+      f'{FLAGS.hessian_iterations}.'
+    )
+  if FLAGS.num_examples < FLAGS.batch_size:
+    raise app.UsageError(
+      f'--num_examples must be >= --batch_size={FLAGS.batch_size}, got {FLAGS.num_examples}.'
+    )
   if FLAGS.trace_samples != 0 and FLAGS.trace_samples < 2:
     raise app.UsageError(f'--trace_samples must be 0 (off) or >= 2, got {FLAGS.trace_samples}.')
   if FLAGS.rho is not None and not FLAGS.rho > 0:

@@ -69,9 +69,7 @@ class TensorBoardWriter:
         ``purge_step``.
     """
     self.logdir = workdir
-    self._writer = tensorboardX.SummaryWriter(
-      logdir=workdir, purge_step=keep_epochs_up_to + 1 if keep_epochs_up_to > 0 else None
-    )
+    self._writer = tensorboardX.SummaryWriter(logdir=workdir, purge_step=keep_epochs_up_to + 1)
 
   def write(self, record: dict[str, Any]) -> None:
     """Adds every finite int or float of ``record`` except ``epoch`` as a scalar; flushes."""

@@ -433,6 +433,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validation.validate_config(config, num_devices=jax.device_count())
   checkpoint.check_workdir(config, workdir)
   datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
+  analysis = config.analysis
+  max_batches = datasets.info.num_train // config.input.batch_size
+  if analysis.sharpness_every_epochs > 0 and analysis.sharpness_num_batches > max_batches:
+    raise ValueError(
+      f'config.analysis.sharpness_num_batches must be at most num_train // batch_size = '
+      f'{max_batches}, got {analysis.sharpness_num_batches}.'
+    )
   exp = build_experiment(config, datasets.info)
   method = exp.method
   os.makedirs(workdir, exist_ok=True)
@@ -469,7 +476,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1),
     metrics.TensorBoardWriter(workdir, keep_epochs_up_to=start_epoch - 1),
   ]
-  analysis = config.analysis
   if analysis.sharpness_every_epochs > 0:
     # Fig. 4b of Du et al. 2022: SAM's sharpness on fixed, unaugmented training batches.
     sharpness_batches = [

@@ -336,3 +336,64 @@ def test_real_fashion_mnist_from_debian_files(fashion_mnist_data_dir):
     _unnormalise(first['image'], 'fashion_mnist')[..., 0], test_images[:8]
   )
   np.testing.assert_array_equal(first['label'], test_labels[:8])
+
+
+def _subset_ids(datasets: input_pipeline.Datasets, **kwargs) -> np.ndarray:
+  return np.concatenate([b['index'] for b in datasets.train_subset_batches(**kwargs)])
+
+
+def test_train_subset_batches_are_distinct_unaugmented_examples():
+  raw = _mock_split('cifar10', 'train', 40)
+  # 'flip' mirrors about half of the training batches; the subset must stay as stored.
+  datasets = _mock_datasets(40, augment='flip')
+  batches = list(datasets.train_subset_batches(num_batches=3, batch_size=8, seed=5))
+  assert len(batches) == 3
+  for batch in batches:
+    assert batch['image'].shape == (8, 32, 32, 3)
+    assert batch['image'].dtype == np.float32
+    assert batch['label'].dtype == np.int32
+    assert batch['index'].dtype == np.int32
+    ids = batch['index']
+    np.testing.assert_array_equal(_unnormalise(batch['image'], 'cifar10'), raw['image'][ids])
+    np.testing.assert_array_equal(batch['label'], raw['label'][ids])
+  ids = np.concatenate([b['index'] for b in batches])
+  assert len(np.unique(ids)) == 24
+  assert set(ids.tolist()) <= set(range(40))
+  # Not the first examples in order: a random subset.
+  assert not np.array_equal(np.sort(ids), np.arange(24))
+  # The same ids in a training epoch are flipped (so the comparison above can fail).
+  epoch = {}
+  for batch in datasets.train_epoch(1, batch_size=8):
+    for image, index in zip(_unnormalise(batch['image'], 'cifar10'), batch['index'], strict=True):
+      epoch[int(index)] = image
+  assert any(not np.array_equal(epoch[i], raw['image'][i]) for i in ids if i in epoch)
+
+
+def test_train_subset_depends_only_on_its_own_seed():
+  first = _mock_datasets(64, seed=0)
+  other_run = _mock_datasets(64, seed=7, augment='crop_flip')  # Another run's seed.
+  ids = _subset_ids(first, num_batches=4, batch_size=8, seed=3)
+  np.testing.assert_array_equal(_subset_ids(other_run, num_batches=4, batch_size=8, seed=3), ids)
+  np.testing.assert_array_equal(_subset_ids(first, num_batches=4, batch_size=8, seed=3), ids)
+  assert not np.array_equal(_subset_ids(first, num_batches=4, batch_size=8, seed=4), ids)
+  # The first ids of one permutation: fewer batches, or another grouping, give a prefix.
+  np.testing.assert_array_equal(_subset_ids(first, num_batches=2, batch_size=8, seed=3), ids[:16])
+  np.testing.assert_array_equal(_subset_ids(first, num_batches=8, batch_size=4, seed=3), ids)
+  # Nor is it the training order of the epoch (seeded by the run's seed).
+  assert not np.array_equal(_epoch_ids(first, 1, 8)[:32], ids)
+
+
+@pytest.mark.parametrize(
+  'num_batches, batch_size',
+  [(0, 8), (-1, 8), (2, 0), (5, 8), (1, 33)],
+)
+def test_train_subset_out_of_range_is_refused(num_batches, batch_size):
+  datasets = _mock_datasets(32)
+  with pytest.raises(ValueError, match=r'at most num_train=32 examples'):
+    datasets.train_subset_batches(num_batches=num_batches, batch_size=batch_size, seed=0)
+
+
+def test_train_subset_can_be_the_whole_split():
+  datasets = _mock_datasets(32)
+  ids = _subset_ids(datasets, num_batches=4, batch_size=8, seed=0)
+  np.testing.assert_array_equal(np.sort(ids), np.arange(32))

@@ -1,5 +1,6 @@
 """Bad configs fail with an error naming the field and the allowed values."""
 
+import ml_collections
 import pytest
 
 from configs import default
@@ -129,3 +130,73 @@ def test_incompatible_workdir_is_refused(tmp_path):
   same = default.get_config('method=saf,smoke')
   same.eval.every_epochs = 2
   checkpoint.check_workdir(same, str(tmp_path))
+
+
+def _smoke_config_with_analysis(**fields):
+  """The smoke config (512 train examples, batch 64) with `config.analysis` fields replaced.
+
+  Built from a plain dict, as `saf_jax.analyze` reads a config.json, so that values of
+  another type than the default's (1.5, 'a') reach the validation.
+  """
+  config = default.get_config('smoke').to_dict()
+  config['analysis'].update(fields)
+  return ml_collections.ConfigDict(config)
+
+
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    (
+      'sharpness_every_epochs',
+      -1,
+      r'config.analysis.sharpness_every_epochs must be an integer >= 0 \(0 = off\), got -1',
+    ),
+    (
+      'sharpness_every_epochs',
+      1.5,
+      r'config.analysis.sharpness_every_epochs must be an integer >= 0 \(0 = off\), got 1.5',
+    ),
+    (
+      'sharpness_every_epochs',
+      True,
+      r'config.analysis.sharpness_every_epochs must be an integer >= 0 \(0 = off\), got True',
+    ),
+    ('rho', 0, r'config.analysis.rho must be a number > 0, got 0\.'),
+    ('rho', -0.1, r'config.analysis.rho must be a number > 0, got -0.1'),
+    ('rho', '0.05', r"config.analysis.rho must be a number > 0, got '0.05'"),
+    (
+      'sharpness_num_batches',
+      0,
+      r'config.analysis.sharpness_num_batches must be an integer >= 1, got 0',
+    ),
+    # 9 batches of 64 need 576 of the smoke config's 512 training examples.
+    (
+      'sharpness_num_batches',
+      9,
+      r'config.analysis.sharpness_num_batches must be at most input.num_train_examples // '
+      r'input.batch_size = 8, got 9',
+    ),
+    ('subset_seed', 'a', r"config.analysis.subset_seed must be an integer, got 'a'"),
+    ('subset_seed', 1.0, r'config.analysis.subset_seed must be an integer, got 1.0'),
+  ],
+)
+def test_analysis_config_errors(field, value, match):
+  config = _smoke_config_with_analysis(**{field: value})
+  with pytest.raises(ValueError, match=match):
+    validation.validate_config(config, num_devices=1)
+
+
+def test_sharpness_batches_up_to_the_training_set_are_valid():
+  # 8 x 64 = 512: exactly the smoke config's training set.
+  validation.validate_config(_smoke_config_with_analysis(sharpness_num_batches=8), num_devices=1)
+
+
+def test_sharpness_every_epochs_zero_turns_the_other_analysis_fields_off():
+  config = _smoke_config_with_analysis(
+    sharpness_every_epochs=0, rho=-0.1, sharpness_num_batches=0, subset_seed='a'
+  )
+  validation.validate_config(config, num_devices=1)
+  # The same fields are refused once the measurement is on.
+  config.analysis.sharpness_every_epochs = 2
+  with pytest.raises(ValueError, match='config.analysis.rho'):
+    validation.validate_config(config, num_devices=1)
