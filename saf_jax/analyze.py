@@ -18,7 +18,8 @@ and writes into ``<workdir>/analysis/``:
   sharpness per epoch from ``metrics.jsonl``.
 
 With several workdirs, ``--out_dir`` also receives ``curves.png`` with every run overlaid
-and ``landscapes.png`` with the landscapes side by side on one scale.
+and ``landscapes.png`` with the landscapes side by side on one scale (from each workdir's
+``analysis/landscape.npz``, computed now or by an earlier call).
 
 Every loss is the cross-entropy of the eval-mode forward: BatchNorm uses the checkpoint's
 running statistics, which stay frozen; the trajectory loss is not included. The Hessian and
@@ -203,12 +204,15 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
   return Run(workdir, config, datasets, experiment, state, epoch, meta['step'])
 
 
-def _output(run: Run, name: str, weights: str) -> str:
+def _suffixed(name: str, weights: str) -> str:
   stem, ext = os.path.splitext(name)
-  suffix = '' if weights == 'params' else f'_{weights}'
+  return name if weights == 'params' else f'{stem}_{weights}{ext}'
+
+
+def _output(run: Run, name: str, weights: str) -> str:
   out_dir = os.path.join(run.workdir, ANALYSIS_DIR)
   os.makedirs(out_dir, exist_ok=True)
-  return os.path.join(out_dir, f'{stem}{suffix}{ext}')
+  return os.path.join(out_dir, _suffixed(name, weights))
 
 
 def _write_json(path: str, record: dict[str, Any]) -> None:
@@ -382,16 +386,20 @@ def run_landscape(
   with open(path + '.tmp', 'wb') as f:
     np.savez(f, **surface)
   os.replace(path + '.tmp', path)
-  plots.plot_landscape(surface, _output(run, 'landscape.png', weights), title=_title(run, meta))
+  plots.plot_landscape(surface, _output(run, 'landscape.png', weights), title=_title(meta))
   return surface
 
 
-def _title(run: Run, meta: dict[str, Any]) -> str:
+def _short_title(meta: dict[str, Any]) -> str:
   weights = ' (EMA weights)' if meta['weights'] == 'ema' else ''
+  name = os.path.basename(os.path.normpath(meta['workdir']))
+  return f'{meta["method"]}{weights}, {name} epoch {meta["epoch"]}'
+
+
+def _title(meta: dict[str, Any]) -> str:
   return (
-    f'{run.method}{weights}, {os.path.basename(os.path.normpath(run.workdir))} epoch '
-    f'{run.epoch}; {meta["num_examples"]} train examples (subset seed {meta["subset_seed"]}), '
-    f'directions seed {meta["direction_seed"]}'
+    f'{_short_title(meta)}; {meta["num_examples"]} train examples (subset seed '
+    f'{meta["subset_seed"]}), directions seed {meta["direction_seed"]}'
   )
 
 
@@ -471,7 +479,6 @@ def main(argv: Sequence[str]) -> None:
   tools, workdirs = FLAGS.tools, FLAGS.workdir
   subset = {'subset_seed': FLAGS.subset_seed}
   data = {'num_examples': FLAGS.num_examples, 'batch_size': FLAGS.batch_size} | subset
-  surfaces = []
   for workdir in workdirs:
     if set(tools) - {'curves'}:
       run = load_run(workdir, epoch=FLAGS.epoch, data_dir=FLAGS.data_dir)
@@ -515,7 +522,6 @@ def main(argv: Sequence[str]) -> None:
         **data,
       )
       meta = json.loads(str(surface['meta']))
-      surfaces.append((_title(run, meta).split(';')[0], surface))
       print(
         f'{workdir}: {run.method} epoch {run.epoch} landscape {FLAGS.grid}x{FLAGS.grid} '
         f'loss at centre {surface["loss"][FLAGS.grid // 2, FLAGS.grid // 2]:.4f}, range '
@@ -528,8 +534,15 @@ def main(argv: Sequence[str]) -> None:
   if len(workdirs) > 1:
     if 'curves' in tools:
       write_curves(workdirs, os.path.join(FLAGS.out_dir, 'curves.png'))
-    if surfaces:
-      plots.plot_landscapes(surfaces, os.path.join(FLAGS.out_dir, 'landscapes.png'))
+    paths = [
+      os.path.join(w, ANALYSIS_DIR, _suffixed('landscape.npz', FLAGS.weights)) for w in workdirs
+    ]
+    if 'landscape' in tools or all(os.path.exists(p) for p in paths):
+      surfaces = [load_landscape(p) for p in paths]
+      titles = [_short_title(s['meta']) for s in surfaces]
+      plots.plot_landscapes(
+        list(zip(titles, surfaces, strict=True)), os.path.join(FLAGS.out_dir, 'landscapes.png')
+      )
     print(f'Combined figures in {FLAGS.out_dir}.', flush=True)
 
 

@@ -25,6 +25,7 @@ CURVES_SIZE = (12, 8)
 LANDSCAPE_SIZE = (12, 5)
 LANDSCAPES_COLUMN_SIZE = (3.5, 7)
 
+_NUM_LEVELS = 21
 # (metrics.jsonl key, panel title, y label) of the four curve panels.
 _CURVE_PANELS = (
   ('train/ce_loss', 'Training loss (cross-entropy, without the trajectory loss)', 'nats'),
@@ -153,22 +154,28 @@ def plot_landscapes(surfaces: Sequence[tuple[str, dict[str, Any]]], path: str) -
 def _levels(losses: Sequence[np.ndarray]) -> np.ndarray:
   """21 contour levels from the lowest loss to the 90th percentile of all the losses.
 
-  A landscape rises steeply far from the minimum; a linear scale up to its maximum would
-  leave the basin, the part that differs between methods, without lines. Values above the
-  top level are drawn at it (a flat cap on the 3D surface).
+  A landscape rises steeply far from the minimum (the default CNN: 0.23 nats at the centre,
+  up to 180 at the corners); linear levels up to the maximum would leave the basin, the
+  part that differs between methods, without lines. So the top level is the 90th
+  percentile (higher values are drawn at it: a flat cap on the 3D surface) and the levels
+  are spaced geometrically when every loss is positive, dense near the minimum.
   """
   values = np.concatenate([np.ravel(z) for z in losses])
   values = values[np.isfinite(values)]  # A diverged grid point is left blank, not fatal.
   if not values.size:
     raise ValueError('Every loss of the landscape is NaN or infinite; nothing to draw.')
   low, high = float(np.min(values)), float(np.quantile(values, 0.9))
-  return np.linspace(low, high if high > low else low + 1e-6, 21)
+  high = high if high > low else low + 1e-6
+  if low > 0:
+    return np.geomspace(low, high, _NUM_LEVELS)
+  return np.linspace(low, high, _NUM_LEVELS)
 
 
 def _cap_note(levels: np.ndarray) -> str:
   return (
     f'eval-mode cross-entropy; {len(levels)} contour levels from {levels[0]:.3f} to '
-    f'{levels[-1]:.3f} nats (the 90th percentile; higher values drawn at it)'
+    f'{levels[-1]:.3f} nats, {"geometric" if levels[0] > 0 else "linear"} '
+    '(the top is the 90th percentile; higher values are drawn at it)'
   )
 
 
