@@ -194,8 +194,17 @@ def _surface3d(ax, surface: dict[str, Any], levels: np.ndarray) -> None:
   loss = np.minimum(surface['loss'], levels[-1])
   grid_x, grid_y = np.meshgrid(xs, ys)
   ax.plot_surface(
-    grid_x, grid_y, loss, cmap='viridis', vmin=levels[0], vmax=levels[-1], linewidth=0
+    grid_x,
+    grid_y,
+    loss,
+    rcount=len(ys),  # Every grid point (matplotlib samples 50 per axis by default).
+    ccount=len(xs),
+    cmap='viridis',
+    vmin=levels[0],
+    vmax=levels[-1],
+    linewidth=0,
   )
+  ax.view_init(elev=40, azim=-60)
   ax.set_zlim(levels[0], levels[-1])
   ax.set_xlabel('dir. 1', fontsize=8)
   ax.set_ylabel('dir. 2', fontsize=8)
