@@ -7,8 +7,9 @@ Each tool reads the workdir's ``config.json`` and its latest checkpoint (or ``--
 and writes into ``<workdir>/analysis/``:
 
 * ``sharpness``: ``sharpness.json``, SAM's sharpness (Eq. 3-4 of Du et al. 2022, Fig. 4b)
-  on the training loop's fixed batches (``config.analysis``), so it equals the last
-  ``train/sam_sharpness`` in ``metrics.jsonl`` for the same checkpoint.
+  on the training loop's fixed batches (``config.analysis``), so it equals the
+  ``train/sam_sharpness`` logged at the checkpoint's epoch (if that epoch measured it with
+  the same ``config.analysis``).
 * ``hessian``: ``hessian.json``, the top eigenvalue(s) of the training-loss Hessian by
   Lanczos, with the iterations and residuals reached, and optionally Hutchinson's trace.
 * ``landscape``: ``landscape.npz`` (grid, loss and top-1 accuracy, settings) and
@@ -240,7 +241,7 @@ def run_sharpness(
   The batches are ``config.analysis.sharpness_num_batches`` of ``config.input.batch_size``
   examples picked by ``subset_seed`` (default ``config.analysis.subset_seed``), exactly the
   training loop's, so with the same ``rho`` the value equals ``train/sam_sharpness`` of the
-  checkpoint's epoch. Writes ``analysis/sharpness.json``.
+  checkpoint's epoch, if that epoch measured it. Writes ``analysis/sharpness.json``.
 
   Returns:
     ``{'sam_sharpness', 'loss', 'grad_norm', 'rho', 'num_batches', 'batch_size',
@@ -291,7 +292,7 @@ def run_hessian(
   Writes ``analysis/hessian.json``.
 
   Returns:
-    ``{'eigenvalues': [k], 'residuals': [k], 'iterations', 'converged', 'trace',
+    ``{'eigenvalues': [<= k], 'residuals': [<= k], 'iterations', 'converged', 'trace',
     'trace_stderr', 'num_examples', 'seconds', ...}`` (trace fields None when
     ``trace_samples == 0``).
   """
@@ -439,6 +440,30 @@ def write_curves(workdirs: Sequence[str], path: str) -> None:
   plots.plot_curves(runs, path)
 
 
+def check_workdir(workdir: str, *, epoch: int | None = None, weights: str = 'params') -> None:
+  """Cheap checks of a workdir before any run is loaded or measured.
+
+  Raises:
+    ValueError: if ``workdir`` has no ``config.json`` or no checkpoint, ``epoch`` was not
+      saved, or ``weights='ema'`` and the run's method has no EMA weights.
+  """
+  method = _method_of(workdir)
+  saved = (
+    sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints')) if name.isdigit())
+    if os.path.isdir(os.path.join(workdir, 'checkpoints'))
+    else []
+  )
+  if not saved:
+    raise ValueError(f'{workdir!r} has no checkpoint in checkpoints/: train it first.')
+  if epoch is not None and epoch not in saved:
+    raise ValueError(f'No checkpoint of epoch {epoch} in {workdir!r}; saved epochs: {saved}.')
+  if weights == 'ema' and 'mesa' not in method.split('+'):
+    raise ValueError(
+      f"weights='ema' needs MESA's EMA weights; the run in {workdir!r} trained "
+      f'{method!r}, which has none.'
+    )
+
+
 def _check_flags() -> None:
   """Refuses bad flag values before any data is loaded or anything compiled."""
   unknown = [t for t in FLAGS.tools if t not in TOOLS]
@@ -462,6 +487,8 @@ def _check_flags() -> None:
     raise app.UsageError(
       f'--num_examples must be >= --batch_size={FLAGS.batch_size}, got {FLAGS.num_examples}.'
     )
+  if not FLAGS.hessian_tol > 0:
+    raise app.UsageError(f'--hessian_tol must be > 0, got {FLAGS.hessian_tol}.')
   if FLAGS.trace_samples != 0 and FLAGS.trace_samples < 2:
     raise app.UsageError(f'--trace_samples must be 0 (off) or >= 2, got {FLAGS.trace_samples}.')
   if FLAGS.rho is not None and not FLAGS.rho > 0:
@@ -469,6 +496,11 @@ def _check_flags() -> None:
   for workdir in FLAGS.workdir:
     if not os.path.isdir(workdir):
       raise app.UsageError(f'--workdir {workdir!r} does not exist.')
+    if set(FLAGS.tools) - {'curves'}:
+      # Every workdir before any work: a bad last one must not fail after hours of grids.
+      check_workdir(workdir, epoch=FLAGS.epoch, weights=FLAGS.weights)
+    else:
+      _method_of(workdir)  # Raises without config.json.
 
 
 def main(argv: Sequence[str]) -> None:
@@ -522,11 +554,12 @@ def main(argv: Sequence[str]) -> None:
         **data,
       )
       meta = json.loads(str(surface['meta']))
+      loss = surface['loss']
+      centre = f'loss at θ {loss[FLAGS.grid // 2, FLAGS.grid // 2]:.4f}, ' if FLAGS.grid % 2 else ''
       print(
         f'{workdir}: {run.method} epoch {run.epoch} landscape {FLAGS.grid}x{FLAGS.grid} '
-        f'loss at centre {surface["loss"][FLAGS.grid // 2, FLAGS.grid // 2]:.4f}, range '
-        f'[{surface["loss"].min():.4f}, {surface["loss"].max():.4f}], '
-        f'{meta["seconds"]:.1f} s',
+        f'{centre}range [{np.nanmin(loss):.4f}, {np.nanmax(loss):.4f}], direction '
+        f'cosine {float(surface["cosine"]):.4f}, {meta["seconds"]:.1f} s',
         flush=True,
       )
     if 'curves' in tools:

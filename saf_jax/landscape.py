@@ -8,7 +8,9 @@ The surface around weights :math:`\theta` along two directions :math:`\delta, \e
 
 on a grid of :math:`(a, b)`. Each direction is Gaussian, then *filter-normalised*: every
 filter of a direction is rescaled to the norm of the matching filter of :math:`\theta`, so
-the picture does not depend on the scale invariance that BatchNorm gives each filter.
+a direction moves every filter by the same amount relative to its own size, and
+landscapes of networks whose filters have different scales (e.g. after different weight
+decay, which BatchNorm makes scale-free in training) can be compared.
 Filters are slices along the last (output-feature) axis of a Flax kernel: a conv kernel
 ``[kh, kw, in, out]`` has ``out`` filters of ``kh * kw * in`` entries, a dense kernel
 ``[in, out]`` has ``out`` filters of ``in`` entries. One-dimensional parameters (biases,
@@ -87,7 +89,10 @@ def random_directions(rng: jax.Array, params: Any, *, num: int = 2) -> list[Any]
 
 
 def grid_coordinates(size: int, extent: float = 1.0) -> np.ndarray:
-  """``size`` evenly spaced coordinates in ``[-extent, extent]``; the centre is exactly 0.
+  """``size`` evenly spaced coordinates in ``[-extent, extent]``, symmetric about 0.
+
+  An odd ``size`` has a centre coordinate that is exactly 0 (the grid holds θ itself);
+  an even one does not.
 
   Raises:
     ValueError: if ``size < 3`` or ``extent <= 0``.

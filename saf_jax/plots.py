@@ -31,7 +31,7 @@ _CURVE_PANELS = (
   ('train/ce_loss', 'Training loss (cross-entropy, without the trajectory loss)', 'nats'),
   ('test/accuracy', 'Test top-1 accuracy (dashed: MESA EMA weights)', 'top-1 accuracy'),
   ('train/trajectory_loss', 'Trajectory loss (SAF/MESA, epochs > E_start)', 'nats (tau^2 KL)'),
-  ('train/sam_sharpness', 'SAM sharpness, rho = analysis.rho (Fig. 4b)', 'nats'),
+  ('train/sam_sharpness', "SAM sharpness (Eq. 3-4, Fig. 4b; rho: each run's config)", 'nats'),
 )
 
 

@@ -172,22 +172,26 @@ def hessian_vector_product(loss_fn: LossFn, params: Any, batch: Any, vector: Any
 def _flat_hvp(
   loss_fn: LossFn, params: Any, batches: Sequence[Any]
 ) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
-  """``matvec(v) = mean_B H_B v`` on flat float64 host vectors, and the dimension."""
+  """``matvec(v) = mean_B H_B v`` on flat float64 host vectors, and the dimension.
+
+  The per-batch products are dispatched together and summed on the device; one vector
+  crosses to the host per ``matvec``.
+  """
   flat, unravel = ravel_pytree(params)
+  dim, dtype = flat.size, flat.dtype
+  del flat
 
   @jax.jit
   def hvp(params, batch, flat_vector):
-    vector = unravel(flat_vector.astype(flat.dtype))
+    vector = unravel(flat_vector.astype(dtype))
     return ravel_pytree(hessian_vector_product(loss_fn, params, batch, vector))[0]
 
   def matvec(v: np.ndarray) -> np.ndarray:
-    v = jnp.asarray(v, flat.dtype)
-    total = np.zeros(flat.size, np.float64)
-    for batch in batches:
-      total += np.asarray(hvp(params, batch, v), np.float64)
-    return total / len(batches)
+    v = jnp.asarray(v, dtype)
+    total = sum(hvp(params, batch, v) for batch in batches)
+    return np.asarray(total, np.float64) / len(batches)
 
-  return matvec, flat.size
+  return matvec, dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +202,11 @@ class HessianEigenvalues:
     eigenvalues: float64 [m], the largest Ritz values, descending; ``m = k`` unless the
       Krylov space became invariant first (then ``m < k``, every value is exact and
       ``converged`` is False: fewer distinct eigenvalues are reachable from the start).
-    residuals: float64 [m], :math:`\\|H y_i - \\lambda_i y_i\\|_2` of each unit Ritz vector
-      :math:`y_i`; an eigenvalue of :math:`H` lies within it of :math:`\\lambda_i`.
+    residuals: float64 [m], Lanczos' estimate :math:`\\beta_m |s_{m,i}|` of
+      :math:`\\|H y_i - \\lambda_i y_i\\|_2` for each unit Ritz vector :math:`y_i` (equal
+      in exact arithmetic; an eigenvalue of :math:`H` then lies within it of
+      :math:`\\lambda_i`). With a float32 Hessian-vector product it cannot resolve below
+      float32 rounding, so a ``tol`` under ~1e-6 is not meaningful.
     iterations: Lanczos iterations run (Hessian-vector products over all batches).
     converged: whether every residual reached ``tol * |eigenvalue|``.
   """
@@ -249,13 +256,15 @@ def lanczos(
     raise ValueError(f'max_iterations must be >= k={k}, got {max_iterations}.')
   if not tol > 0:
     raise ValueError(f'tol must be > 0, got {tol}.')
+  num_steps = min(max_iterations, dim)
+  basis = np.empty((num_steps, dim), np.float64)  # Row j is the Lanczos vector q_j.
   q = np.random.default_rng(seed).standard_normal(dim)
-  basis = [q / np.linalg.norm(q)]
+  basis[0] = q / np.linalg.norm(q)
   alphas, betas = [], []
-  for m in range(1, min(max_iterations, dim) + 1):
-    w = matvec(basis[-1])
-    alphas.append(float(basis[-1] @ w))
-    q_mat = np.stack(basis)
+  for m in range(1, num_steps + 1):
+    w = matvec(basis[m - 1])
+    alphas.append(float(basis[m - 1] @ w))
+    q_mat = basis[:m]
     for _ in range(2):  # Full re-orthogonalisation, twice ("twice is enough").
       w = w - q_mat.T @ (q_mat @ w)
     beta = float(np.linalg.norm(w))
@@ -271,7 +280,8 @@ def lanczos(
     if invariant:  # Fewer than k eigenvalues are reachable from this start vector.
       break
     betas.append(beta)
-    basis.append(w / beta)
+    if m < num_steps:
+      basis[m] = w / beta
   return HessianEigenvalues(eigenvalues, residuals, m, False)
 
 

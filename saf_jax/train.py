@@ -161,6 +161,11 @@ def _check_finite(step_metrics: list[dict[str, np.ndarray]], first_step: int) ->
       )
 
 
+def _measure(fn, state: train_state.TrainState, data_sharding, batch: dict[str, np.ndarray]):
+  """``fn(params, batch_stats, batch)`` with the host ``batch`` placed on the mesh."""
+  return fn(state.params, state.batch_stats, jax.device_put(batch, data_sharding))
+
+
 # Steps between a step's dispatch and the progress bar reading its loss.
 _LAG = 4
 
@@ -478,8 +483,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ]
   if analysis.sharpness_every_epochs > 0:
     # Fig. 4b of Du et al. 2022: SAM's sharpness on fixed, unaugmented training batches.
+    # Kept on the host and placed per measurement: no device memory held between epochs.
     sharpness_batches = [
-      jax.device_put({k: b[k] for k in ('image', 'label')}, exp.data)
+      {k: b[k] for k in ('image', 'label')}
       for b in datasets.train_subset_batches(
         num_batches=analysis.sharpness_num_batches,
         batch_size=batch_size,
@@ -514,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ):
       sharpness_start = time.perf_counter()
       measured = sharpness.batch_mean(
-        functools.partial(sharpness_fn, state.params, state.batch_stats), sharpness_batches
+        functools.partial(_measure, sharpness_fn, state, exp.data), sharpness_batches
       )
       record['train/sam_sharpness'] = measured['sharpness']
       record['sharpness_time_sec'] = time.perf_counter() - sharpness_start

@@ -251,8 +251,6 @@ def _validate_analysis(config: ml_collections.ConfigDict) -> None:
     every,
     'an integer >= 0 (0 = off)',
   )
-  if every == 0:
-    return
   _require(
     _is_number(analysis.rho) and analysis.rho > 0, 'analysis.rho', analysis.rho, 'a number > 0'
   )
@@ -264,7 +262,7 @@ def _validate_analysis(config: ml_collections.ConfigDict) -> None:
     'an integer >= 1',
   )
   num_train = config.input.num_train_examples
-  if _is_int(num_train) and num_train > 0 and _is_int(config.input.batch_size):
+  if every > 0 and _is_int(num_train) and num_train > 0 and _is_int(config.input.batch_size):
     _require(
       num_batches * config.input.batch_size <= num_train,
       'analysis.sharpness_num_batches',

@@ -300,8 +300,9 @@ def test_cli_end_to_end_two_workdirs(workdirs, fashion_mnist_data_dir, tmp_path)
       hessian_line
     )
     assert landscape_line.startswith(
-      f'{prefix}landscape 3x3 loss at centre {surface["loss"][1, 1]:.4f}, range '
-      f'[{surface["loss"].min():.4f}, {surface["loss"].max():.4f}]'
+      f'{prefix}landscape 3x3 loss at θ {surface["loss"][1, 1]:.4f}, range '
+      f'[{surface["loss"].min():.4f}, {surface["loss"].max():.4f}], direction cosine '
+      f'{float(surface["cosine"]):.4f}'
     )
     assert mpimg.imread(os.path.join(out, 'curves.png')).shape == (800, 1200, 4)
     assert mpimg.imread(os.path.join(out, 'landscape.png')).shape == (500, 1200, 4)
@@ -474,3 +475,28 @@ def test_training_refuses_more_sharpness_batches_than_the_data_before_writing(
   with pytest.raises(ValueError, match=r'config.analysis.sharpness_num_batches must be at most'):
     train.train_and_evaluate(config, workdir)
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize(
+  'bad, args, match',
+  [
+    ('no_checkpoint', [], 'has no checkpoint'),
+    ('sgd', ['--weights=ema'], "weights='ema' needs MESA's EMA weights"),
+  ],
+)
+def test_every_workdir_is_checked_before_the_first_is_measured(
+  workdirs, tmp_path, bad, args, match
+):
+  """A bad last workdir fails at once, not after hours of grids on the earlier ones."""
+  good = _copy(workdirs['mesa'], tmp_path / 'mesa')
+  if bad == 'no_checkpoint':
+    last = str(tmp_path / 'empty')
+    os.makedirs(last)
+    shutil.copy(os.path.join(workdirs['sgd'], 'config.json'), last)
+  else:
+    last = _copy(workdirs['sgd'], tmp_path / 'sgd')
+  before = _listing(str(tmp_path))
+  proc = _analyze(f'--workdir={good},{last}', f'--out_dir={tmp_path / "out"}', *args)
+  assert proc.returncode != 0
+  assert match in proc.stderr
+  assert _listing(str(tmp_path)) == before

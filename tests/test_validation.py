@@ -191,12 +191,14 @@ def test_sharpness_batches_up_to_the_training_set_are_valid():
   validation.validate_config(_smoke_config_with_analysis(sharpness_num_batches=8), num_devices=1)
 
 
-def test_sharpness_every_epochs_zero_turns_the_other_analysis_fields_off():
-  config = _smoke_config_with_analysis(
-    sharpness_every_epochs=0, rho=-0.1, sharpness_num_batches=0, subset_seed='a'
-  )
-  validation.validate_config(config, num_devices=1)
-  # The same fields are refused once the measurement is on.
-  config.analysis.sharpness_every_epochs = 2
+def test_analysis_fields_are_checked_even_when_training_does_not_measure():
+  """`python -m saf_jax.analyze` reads rho and the subset from the config of any run."""
+  config = _smoke_config_with_analysis(sharpness_every_epochs=0, rho=-0.1)
   with pytest.raises(ValueError, match='config.analysis.rho'):
+    validation.validate_config(config, num_devices=1)
+  # Only the batch count against the training set is tied to the training measurement.
+  config = _smoke_config_with_analysis(sharpness_every_epochs=0, sharpness_num_batches=9)
+  validation.validate_config(config, num_devices=1)
+  config.analysis.sharpness_every_epochs = 1
+  with pytest.raises(ValueError, match='config.analysis.sharpness_num_batches'):
     validation.validate_config(config, num_devices=1)
