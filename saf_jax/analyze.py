@@ -514,11 +514,12 @@ def main(argv: Sequence[str]) -> None:
   for workdir in workdirs:
     if set(tools) - {'curves'}:
       run = load_run(workdir, epoch=FLAGS.epoch, data_dir=FLAGS.data_dir)
-      run.weights(FLAGS.weights)  # Raises before any measurement for a run without EMA.
+      ema = ' (EMA weights)' if FLAGS.weights == 'ema' else ''
+      prefix = f'{workdir}: {run.method}{ema} epoch {run.epoch}'
     if 'sharpness' in tools:
       r = run_sharpness(run, weights=FLAGS.weights, rho=FLAGS.rho, **subset)
       print(
-        f'{workdir}: {run.method} epoch {run.epoch} SAM sharpness (rho={r["rho"]}) '
+        f'{prefix} SAM sharpness (rho={r["rho"]}) '
         f'{r["sam_sharpness"]:.5f} over {r["num_batches"]}x{r["batch_size"]} examples, '
         f'loss {r["loss"]:.4f}, {r["seconds"]:.1f} s',
         flush=True,
@@ -536,7 +537,7 @@ def main(argv: Sequence[str]) -> None:
       )
       trace = f', trace {r["trace"]:.2f} ± {r["trace_stderr"]:.2f}' if r['trace'] else ''
       print(
-        f'{workdir}: {run.method} epoch {run.epoch} Hessian top eigenvalues '
+        f'{prefix} Hessian top eigenvalues '
         f'{[round(v, 4) for v in r["eigenvalues"]]} (residuals '
         f'{[float(f"{v:.2g}") for v in r["residuals"]]}, {r["iterations"]} Lanczos '
         f'iterations, converged={r["converged"]}){trace}, {r["num_examples"]} examples, '
@@ -557,7 +558,7 @@ def main(argv: Sequence[str]) -> None:
       loss = surface['loss']
       centre = f'loss at θ {loss[FLAGS.grid // 2, FLAGS.grid // 2]:.4f}, ' if FLAGS.grid % 2 else ''
       print(
-        f'{workdir}: {run.method} epoch {run.epoch} landscape {FLAGS.grid}x{FLAGS.grid} '
+        f'{prefix} landscape {FLAGS.grid}x{FLAGS.grid} '
         f'{centre}range [{np.nanmin(loss):.4f}, {np.nanmax(loss):.4f}], direction '
         f'cosine {float(surface["cosine"]):.4f}, {meta["seconds"]:.1f} s',
         flush=True,

@@ -143,7 +143,7 @@ def plot_landscapes(surfaces: Sequence[tuple[str, dict[str, Any]]], path: str) -
   levels = _levels([s['loss'] for _, s in surfaces])
   for i, (title, surface) in enumerate(surfaces):
     ax3d = fig.add_subplot(2, n, i + 1, projection='3d')
-    _surface3d(ax3d, surface, levels)
+    _surface3d(ax3d, surface, levels, zlabel=i == 0)  # One z label: the last would be cut.
     ax3d.set_title(title, fontsize=9)
     _contour(fig.add_subplot(2, n, n + i + 1), surface, levels)
   fig.suptitle(_cap_note(levels), fontsize=9)
@@ -189,7 +189,7 @@ def _contour(ax, surface: dict[str, Any], levels: np.ndarray) -> None:
   ax.set_aspect('equal')
 
 
-def _surface3d(ax, surface: dict[str, Any], levels: np.ndarray) -> None:
+def _surface3d(ax, surface: dict[str, Any], levels: np.ndarray, *, zlabel: bool = True) -> None:
   xs, ys = surface['xs'], surface['ys']
   loss = np.minimum(surface['loss'], levels[-1])
   grid_x, grid_y = np.meshgrid(xs, ys)
@@ -208,7 +208,8 @@ def _surface3d(ax, surface: dict[str, Any], levels: np.ndarray) -> None:
   ax.set_zlim(levels[0], levels[-1])
   ax.set_xlabel('dir. 1', fontsize=8)
   ax.set_ylabel('dir. 2', fontsize=8)
-  ax.set_zlabel('loss (nats)', fontsize=8)
+  if zlabel:
+    ax.set_zlabel('loss (nats)', fontsize=8)
   ax.tick_params(labelsize=7)
 
 
