@@ -198,7 +198,8 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
     except (ValueError, TypeError, KeyError) as e:
       raise ValueError(
         f'The checkpoint of epoch {epoch} in {workdir!r} does not match its config.json '
-        f'(model {config.model.to_dict()}, {datasets.info.num_classes} classes): {e}'
+        f'(model {config.model.to_dict()}, {datasets.info.num_classes} classes): '
+        + '\n'.join(str(e).splitlines()[:3])  # Orbax appends pages of tree diff and advice.
       ) from e
   finally:
     ckpt.close()
@@ -440,14 +441,29 @@ def write_curves(workdirs: Sequence[str], path: str) -> None:
   plots.plot_curves(runs, path)
 
 
-def check_workdir(workdir: str, *, epoch: int | None = None, weights: str = 'params') -> None:
+def check_workdir(
+  workdir: str,
+  *,
+  epoch: int | None = None,
+  weights: str = 'params',
+  num_examples: int | None = None,
+) -> None:
   """Cheap checks of a workdir before any run is loaded or measured.
 
   Raises:
     ValueError: if ``workdir`` has no ``config.json`` or no checkpoint, ``epoch`` was not
-      saved, or ``weights='ema'`` and the run's method has no EMA weights.
+      saved, ``weights='ema'`` and the run's method has no EMA weights, or
+      ``num_examples`` exceeds the run's ``config.input.num_train_examples``.
   """
   method = _method_of(workdir)
+  with open(checkpoint.config_path(workdir)) as f:
+    num_train = json.load(f)['input'].get('num_train_examples', -1)
+  if num_examples is not None and 0 < num_train < num_examples:
+    raise ValueError(
+      f'--num_examples={num_examples} exceeds the {num_train} training examples of the run '
+      f'in {workdir!r} (config.input.num_train_examples); pass --num_examples={num_train} or '
+      'fewer.'
+    )
   saved = (
     sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints')) if name.isdigit())
     if os.path.isdir(os.path.join(workdir, 'checkpoints'))
@@ -472,7 +488,7 @@ def _check_flags() -> None:
   try:
     landscape.grid_coordinates(FLAGS.grid, FLAGS.extent)
   except ValueError as e:
-    raise app.UsageError(f'--grid/--extent: {e}') from e
+    raise app.UsageError(f'{e} (--grid={FLAGS.grid}, --extent={FLAGS.extent})') from e
   if len(FLAGS.workdir) > 1 and FLAGS.out_dir is None:
     raise app.UsageError('Several --workdir values need --out_dir for the combined figures.')
   for name in ('num_examples', 'batch_size', 'hessian_k', 'hessian_iterations', 'chunk_size'):
@@ -498,7 +514,13 @@ def _check_flags() -> None:
       raise app.UsageError(f'--workdir {workdir!r} does not exist.')
     if set(FLAGS.tools) - {'curves'}:
       # Every workdir before any work: a bad last one must not fail after hours of grids.
-      check_workdir(workdir, epoch=FLAGS.epoch, weights=FLAGS.weights)
+      needs_subset = {'hessian', 'landscape'} & set(FLAGS.tools)
+      check_workdir(
+        workdir,
+        epoch=FLAGS.epoch,
+        weights=FLAGS.weights,
+        num_examples=FLAGS.num_examples if needs_subset else None,
+      )
     else:
       _method_of(workdir)  # Raises without config.json.
 
@@ -571,7 +593,10 @@ def main(argv: Sequence[str]) -> None:
     paths = [
       os.path.join(w, ANALYSIS_DIR, _suffixed('landscape.npz', FLAGS.weights)) for w in workdirs
     ]
-    if 'landscape' in tools or all(os.path.exists(p) for p in paths):
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+      print(f'landscapes.png not drawn: no {", ".join(missing)}.', flush=True)
+    else:
       surfaces = [load_landscape(p) for p in paths]
       titles = [_short_title(s['meta']) for s in surfaces]
       plots.plot_landscapes(

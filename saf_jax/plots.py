@@ -182,7 +182,7 @@ def _cap_note(levels: np.ndarray) -> str:
 def _contour(ax, surface: dict[str, Any], levels: np.ndarray) -> None:
   xs, ys, loss = surface['xs'], surface['ys'], surface['loss']
   lines = ax.contour(xs, ys, loss, levels=levels, cmap='viridis', linewidths=0.8)
-  ax.clabel(lines, lines.levels[::4], fontsize=6, fmt='%.2f')
+  ax.clabel(lines, lines.levels[::4], fontsize=7, fmt='%.2f')
   ax.plot([0], [0], marker='+', color='red', markersize=8)
   ax.set_xlabel('direction 1 (filter-normalised)')
   ax.set_ylabel('direction 2')

@@ -500,3 +500,24 @@ def test_every_workdir_is_checked_before_the_first_is_measured(
   assert proc.returncode != 0
   assert match in proc.stderr
   assert _listing(str(tmp_path)) == before
+
+
+def test_subset_larger_than_the_training_set_is_refused_at_the_flags(workdirs, tmp_path):
+  """The default --num_examples=1024 on a 512-example smoke run names the flag, writes nothing."""
+  work = _copy(workdirs['mesa'], tmp_path / 'mesa')
+  before = _listing(work)
+  proc = _analyze(f'--workdir={work}', '--tools=sharpness,hessian')
+  assert proc.returncode != 0
+  assert '--num_examples=1024 exceeds the 512 training examples' in proc.stderr
+  assert _listing(work) == before
+
+
+def test_curves_say_which_landscape_is_missing(workdirs, tmp_path):
+  """--tools curves redraws landscapes.png only when every workdir has one, else says so."""
+  first, second = _copy(workdirs['mesa'], tmp_path / 'a'), _copy(workdirs['sgd'], tmp_path / 'b')
+  out_dir = tmp_path / 'out'
+  proc = _analyze(f'--workdir={first},{second}', '--tools=curves', f'--out_dir={out_dir}')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'landscapes.png not drawn: no ' in proc.stdout
+  assert os.path.join(first, 'analysis', 'landscape.npz') in proc.stdout
+  assert sorted(os.listdir(out_dir)) == ['curves.png']
