@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import jax
 import pytest
 
 FASHION_MNIST_IDX = '/usr/share/datasets/fashion-mnist'
@@ -21,3 +22,16 @@ def fashion_mnist_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   yield data_dir
   shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def fast_compile():
+  """Compile speed over run speed, for modules whose programs each run only a few times.
+
+  Use with ``pytestmark = pytest.mark.usefixtures('fast_compile')``; scoped to the module
+  and restored, so other modules keep their own setting.
+  """
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)

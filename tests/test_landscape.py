@@ -7,14 +7,7 @@ import pytest
 
 from saf_jax import landscape, models
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compile():
-  """Compile speed over run speed (as tests/test_models.py): every program here runs briefly."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')

@@ -9,17 +9,7 @@ import pytest
 from saf_jax import models
 from saf_jax.models import cnn, resnet
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compile():
-  """Compile speed over run speed: every model here runs on batch 2 once or twice.
-
-  Scoped to this module (and restored) so other test modules keep their own setting.
-  """
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 def _param_shapes(model, input_shape):

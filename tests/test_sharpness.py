@@ -20,13 +20,7 @@ DIM = 40
 LAMBDAS = np.concatenate([[9.0, 7.0, 6.0, -9.5, -2.0], np.linspace(-1.5, 4.5, DIM - 5)])
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compile():
-  """Compile speed over run speed (as tests/test_models.py): every program here runs a few times."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 def _flatten(params):
