@@ -49,26 +49,6 @@ WEIGHTS = ('params', 'ema')
 ANALYSIS_DIR = 'analysis'
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('workdir', None, 'Workdir(s) of trained runs, comma separated.')
-flags.DEFINE_list('tools', list(TOOLS), f'Tools to run, any of {list(TOOLS)}.')
-flags.DEFINE_string('out_dir', None, 'Where the combined figures of several workdirs go.')
-flags.DEFINE_integer('epoch', None, 'Checkpoint epoch to analyse (default: the latest).')
-flags.DEFINE_enum('weights', 'params', WEIGHTS, "'params', or MESA's 'ema' weights.")
-flags.DEFINE_string('data_dir', None, "TFDS data_dir, if not the run's config.input.data_dir.")
-flags.DEFINE_integer('num_examples', 1024, 'Training examples for the Hessian and landscape.')
-flags.DEFINE_integer('batch_size', 256, 'Batch size for the Hessian and landscape.')
-flags.DEFINE_integer('subset_seed', None, 'Seed of the example subset (default: config).')
-flags.DEFINE_float('rho', None, 'Radius of the SAM sharpness (default: config, 0.05).')
-flags.DEFINE_integer('hessian_k', 1, 'Number of top Hessian eigenvalues.')
-flags.DEFINE_integer('hessian_iterations', 100, 'Most Lanczos iterations.')
-flags.DEFINE_float('hessian_tol', 1e-4, 'Relative residual at which Lanczos stops.')
-flags.DEFINE_integer('trace_samples', 0, "Hutchinson probes for the Hessian's trace; 0 = off.")
-flags.DEFINE_integer('grid', 51, 'Landscape grid points per axis (>= 3, odd keeps the centre).')
-flags.DEFINE_float('extent', 1.0, 'Landscape coordinates span [-extent, extent].')
-flags.DEFINE_integer('direction_seed', 0, 'Seed of the two landscape directions.')
-flags.DEFINE_integer('chunk_size', 1, 'Landscape grid points per vectorised call.')
-flags.DEFINE_integer('seed', 0, 'Seed of the Lanczos start vector and Hutchinson probes.')
-flags.mark_flag_as_required('workdir')
 
 
 @dataclasses.dataclass
@@ -605,5 +585,34 @@ def main(argv: Sequence[str]) -> None:
     print(f'Combined figures in {FLAGS.out_dir}.', flush=True)
 
 
+def _define_flags() -> None:
+  """Defines the CLI's flags; called only when this module runs as a program.
+
+  Importing the module for its functions (tests, notebooks, ``saf_jax.compare`` in the
+  same process) must not claim flag names such as ``--workdir`` that others define.
+  """
+  flags.DEFINE_list('workdir', None, 'Workdir(s) of trained runs, comma separated.')
+  flags.DEFINE_list('tools', list(TOOLS), f'Tools to run, any of {list(TOOLS)}.')
+  flags.DEFINE_string('out_dir', None, 'Where the combined figures of several workdirs go.')
+  flags.DEFINE_integer('epoch', None, 'Checkpoint epoch to analyse (default: the latest).')
+  flags.DEFINE_enum('weights', 'params', WEIGHTS, "'params', or MESA's 'ema' weights.")
+  flags.DEFINE_string('data_dir', None, "TFDS data_dir, if not the run's config.input.data_dir.")
+  flags.DEFINE_integer('num_examples', 1024, 'Training examples for the Hessian and landscape.')
+  flags.DEFINE_integer('batch_size', 256, 'Batch size for the Hessian and landscape.')
+  flags.DEFINE_integer('subset_seed', None, 'Seed of the example subset (default: config).')
+  flags.DEFINE_float('rho', None, 'Radius of the SAM sharpness (default: config, 0.05).')
+  flags.DEFINE_integer('hessian_k', 1, 'Number of top Hessian eigenvalues.')
+  flags.DEFINE_integer('hessian_iterations', 100, 'Most Lanczos iterations.')
+  flags.DEFINE_float('hessian_tol', 1e-4, 'Relative residual at which Lanczos stops.')
+  flags.DEFINE_integer('trace_samples', 0, "Hutchinson probes for the Hessian's trace; 0 = off.")
+  flags.DEFINE_integer('grid', 51, 'Landscape grid points per axis (>= 3, odd keeps the centre).')
+  flags.DEFINE_float('extent', 1.0, 'Landscape coordinates span [-extent, extent].')
+  flags.DEFINE_integer('direction_seed', 0, 'Seed of the two landscape directions.')
+  flags.DEFINE_integer('chunk_size', 1, 'Landscape grid points per vectorised call.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the Lanczos start vector and Hutchinson probes.')
+  flags.mark_flag_as_required('workdir')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
