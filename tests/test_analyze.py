@@ -496,7 +496,13 @@ def test_every_workdir_is_checked_before_the_first_is_measured(
   else:
     last = _copy(workdirs['sgd'], tmp_path / 'sgd')
   before = _listing(str(tmp_path))
-  proc = _analyze(f'--workdir={good},{last}', f'--out_dir={tmp_path / "out"}', *args)
+  proc = _analyze(
+    f'--workdir={good},{last}',
+    f'--out_dir={tmp_path / "out"}',
+    f'--num_examples={SHARPNESS_BATCHES * BATCH_SIZE}',
+    f'--batch_size={BATCH_SIZE}',
+    *args,
+  )
   assert proc.returncode != 0
   assert match in proc.stderr
   assert _listing(str(tmp_path)) == before
