@@ -147,11 +147,8 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
   # Imported here: TensorFlow (the data) loads only when a run is analysed.
   from saf_jax import input_pipeline, train, validation
 
-  path = checkpoint.config_path(workdir)
-  if not os.path.exists(path):
-    raise ValueError(f'{workdir!r} has no config.json: not a saf_jax workdir (main.py writes one).')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  check_workdir(workdir, epoch=epoch)
+  config = ml_collections.ConfigDict(_read_config(workdir))
   config.mesh.data = -1
   config.analysis = _analysis_config(config)
   if data_dir is not None:
@@ -160,17 +157,10 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
     validation.validate_config(config, num_devices=jax.device_count())
   except ValueError as e:
     raise ValueError(f'The config.json of {workdir!r} is invalid: {e}') from e
-  no_checkpoint = ValueError(f'{workdir!r} has no checkpoint in checkpoints/: train it first.')
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise no_checkpoint  # Checked first: the manager would create the directory.
+  # check_workdir found a checkpoint first: the manager would create the directory.
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep)
   try:
-    saved = ckpt.epochs()
-    if not saved:
-      raise no_checkpoint
-    epoch = saved[-1] if epoch is None else epoch
-    if epoch not in saved:
-      raise ValueError(f'No checkpoint of epoch {epoch} in {workdir!r}; saved epochs: {saved}.')
+    epoch = ckpt.latest_epoch() if epoch is None else epoch
     datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
     experiment = train.build_experiment(config, datasets.info)
     try:
@@ -401,12 +391,17 @@ def _labels(workdirs: Sequence[str], methods: Sequence[str]) -> list[str]:
   ]
 
 
-def _method_of(workdir: str) -> str:
+def _read_config(workdir: str) -> dict[str, Any]:
+  """The workdir's ``config.json`` as a dict; ValueError if it has none."""
   path = checkpoint.config_path(workdir)
   if not os.path.exists(path):
     raise ValueError(f'{workdir!r} has no config.json: not a saf_jax workdir (main.py writes one).')
   with open(path) as f:
-    return json.load(f)['method']['name']
+    return json.load(f)
+
+
+def _method_of(workdir: str) -> str:
+  return _read_config(workdir)['method']['name']
 
 
 def write_curves(workdirs: Sequence[str], path: str) -> None:
@@ -435,9 +430,9 @@ def check_workdir(
       saved, ``weights='ema'`` and the run's method has no EMA weights, or
       ``num_examples`` exceeds the run's ``config.input.num_train_examples``.
   """
-  method = _method_of(workdir)
-  with open(checkpoint.config_path(workdir)) as f:
-    num_train = json.load(f)['input'].get('num_train_examples', -1)
+  config = _read_config(workdir)
+  method = config['method']['name']
+  num_train = config['input'].get('num_train_examples', -1)
   if num_examples is not None and 0 < num_train < num_examples:
     raise ValueError(
       f'--num_examples={num_examples} exceeds the {num_train} training examples of the run '

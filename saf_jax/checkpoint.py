@@ -110,10 +110,6 @@ class Checkpointer:
     """The last completed epoch saved, or None."""
     return self._manager.latest_step()
 
-  def epochs(self) -> list[int]:
-    """Every saved epoch, ascending."""
-    return sorted(self._manager.all_steps())
-
   def save(
     self, epoch: int, state: Any, table: dict[str, np.ndarray] | None, *, num_devices: int
   ) -> None:

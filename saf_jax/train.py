@@ -477,10 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     checkpoint.write_config(config, workdir)
     state = exp.init_state()
-  writers = [
-    metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1),
-    metrics.TensorBoardWriter(workdir, keep_epochs_up_to=start_epoch - 1),
-  ]
+  tensorboard = metrics.TensorBoardWriter(workdir, keep_epochs_up_to=start_epoch - 1)
+  writers = [metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1), tensorboard]
   if analysis.sharpness_every_epochs > 0:
     # Fig. 4b of Du et al. 2022: SAM's sharpness on fixed, unaugmented training batches.
     # Kept on the host and placed per measurement: no device memory held between epochs.
@@ -547,7 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ', '.join(f'{k}={v:.4g}' for k, v in record.items() if isinstance(v, float)),
     )
   ckpt.close()
-  writers[1].close()
+  tensorboard.close()
 
   wall = time.perf_counter() - wall_start
   if not record:
