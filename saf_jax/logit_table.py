@@ -2,10 +2,48 @@ r"""SAF's per-example memory of past logits, kept on the host.
 
 SAF (Algorithm 1 of Du et al. 2022) records the training forward pass's own logits
 for every example (line 4) and, :math:`\tilde E` epochs later, reads them back as the
-target of the trajectory loss (line 5, Eq. 9). This module is that record::
+target of the trajectory loss (line 5, Eq. 9). This module is that record. A table holds
+the ``num_examples`` example ids ``[first_id, first_id + num_examples)``: the whole
+training set (``first_id = 0``), or one process's contiguous block of it in multi-host
+training. Row ``r`` of every array below belongs to example id ``first_id + r``.
 
-  values:        [E_tilde, num_examples, num_classes]   (float32 or bfloat16)
+Full storage (``topk = 0``, the default) keeps every logit::
+
+  values:        [E_tilde, num_examples, num_classes]   float32 or bfloat16
   written_epoch: [E_tilde, num_examples]  int32, NEVER_WRITTEN = never written
+
+Top-k storage (``topk = k``, ``1 <= k < num_classes``) keeps, per row, the ``k`` largest
+logits, their class ids and the temperature-:math:`\tau` log-sum-exp of the other
+``K - k`` logits (``K = num_classes``)::
+
+  topk_values:   [E_tilde, num_examples, k]   float32 or bfloat16, the k largest logits
+  topk_ids:      [E_tilde, num_examples, k]   uint16 (int32 if K > 65535), their classes
+  rest_lse:      [E_tilde, num_examples]      float32, logsumexp_{j not in top-k} t_j / tau
+  written_epoch: [E_tilde, num_examples]      int32, as above
+
+and reads back the target :math:`\hat t` with :math:`\hat t_j = t_j` on the top-k classes
+and, on every other class,
+
+.. math::
+
+  \hat t_j = \tau \big(\mathrm{rest\_lse} - \log(K - k)\big),
+
+so the softened target :math:`\hat p = \mathrm{softmax}(\hat t/\tau)` equals
+:math:`p = \mathrm{softmax}(t/\tau)` exactly (up to float rounding, and to bfloat16
+rounding of the kept logits) on the top-k classes and in the total mass of the other
+classes. The approximation is the shape of that tail, taken as flat. With :math:`q` the
+student's softened prediction, the trajectory loss of the true target exceeds that of the
+reconstructed one by
+
+.. math::
+
+  \tau^2 \Big(\mathrm{KL}(p \| \hat p)
+    - \sum_{j \notin \text{top-}k} (p_j - \hat p_j) \log q_j\Big),
+
+whose first term does not depend on the student, and their gradients with respect to the
+student's logits differ by :math:`\tau (\hat p - p)`, nonzero only on the tail classes
+and of L1 norm at most twice the tail mass. Both vanish when the target's tail is flat
+(and so for ``k = K - 1``); :func:`topk_compression_error` measures them on real logits.
 
 In epoch ``e`` example ``i`` uses slot ``e % E_tilde``: its row is *read* (the logits
 written in epoch ``e - E_tilde``) before the same slot is *overwritten* with epoch ``e``'s
@@ -20,6 +58,13 @@ example (after its step) cannot be reordered against another batch of that epoch
 an epoch boundary the loop calls :meth:`LogitTable.flush` before reading the next
 epoch, so that ``E_tilde = 1`` sees all of the previous epoch's writes.
 
+Memory: :func:`table_nbytes` gives a layout's exact size without building it. For
+ImageNet-1k (1,281,167 training examples, 1000 classes) with the paper's
+:math:`\tilde E = 3`: 15,389 MB (14,676 MiB) in float32, which matches the 14,643 MB of
+Table 2 of the paper if those are MiB; 7,702 MB in bfloat16; 261 MB with ``topk = 10``
+(float32 values, uint16 ids). With ``memmap_dir`` the arrays live in ``.npy`` files and
+the operating system pages them, for tables larger than RAM.
+
 Wiring::
 
   table = LogitTable(num_examples=60000, num_classes=10, E_tilde=3)
@@ -30,10 +75,12 @@ Wiring::
       table.write_async(batch['index'], logits, epoch=epoch)  # no device sync here
     table.flush()
 
-The table holds every training example of this process. Multi-host partitioning is
-described in the README (issue "Scale out").
+References:
+  Du et al, `Sharpness-Aware Training for Free <https://arxiv.org/abs/2205.14083>`_, 2022
 """
 
+import math
+import os
 import queue
 import threading
 
@@ -45,16 +92,134 @@ import numpy as np
 NEVER_WRITTEN = np.iinfo(np.int32).min
 
 _DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+_FULL_KEYS = ('values', 'written_epoch')
+_TOPK_KEYS = ('topk_values', 'topk_ids', 'rest_lse', 'written_epoch')
+
+
+def _check_layout(num_examples: int, num_classes: int, E_tilde: int, dtype: str, topk: int):
+  if num_examples < 1 or num_classes < 1:
+    raise ValueError(
+      f'LogitTable needs num_examples >= 1 and num_classes >= 1, got '
+      f'{num_examples} and {num_classes}.'
+    )
+  if E_tilde < 1:
+    raise ValueError(f'config.method.saf.E_tilde must be an integer >= 1, got {E_tilde}.')
+  if dtype not in _DTYPES:
+    raise ValueError(
+      f'config.method.saf.table_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.'
+    )
+  if topk != 0 and not 1 <= topk < num_classes:
+    raise ValueError(
+      f'config.method.saf.table_topk must be 0 (store all logits) or an integer in '
+      f'[1, {num_classes}) for {num_classes} classes, got {topk}.'
+    )
+
+
+def _class_id_dtype(num_classes: int) -> np.dtype:
+  return np.dtype(np.uint16) if num_classes <= 65535 else np.dtype(np.int32)
+
+
+def _layout(
+  num_examples: int, num_classes: int, *, E_tilde: int, dtype: str, topk: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """``{array name: (shape, dtype)}`` of a table; the order of :meth:`LogitTable.state_dict`."""
+  rows = (E_tilde, num_examples)
+  if not topk:
+    return {
+      'values': ((*rows, num_classes), _DTYPES[dtype]),
+      'written_epoch': (rows, np.dtype(np.int32)),
+    }
+  return {
+    'topk_values': ((*rows, topk), _DTYPES[dtype]),
+    'topk_ids': ((*rows, topk), _class_id_dtype(num_classes)),
+    'rest_lse': (rows, np.dtype(np.float32)),
+    'written_epoch': (rows, np.dtype(np.int32)),
+  }
+
+
+def _layout_name(keys) -> str:
+  keys = set(keys)
+  if keys == set(_FULL_KEYS):
+    return 'full logits'
+  if keys == set(_TOPK_KEYS):
+    return 'top-k logits'
+  return 'an unknown layout'
+
+
+def table_nbytes(
+  num_examples: int, num_classes: int, *, E_tilde: int, dtype: str = 'float32', topk: int = 0
+) -> int:
+  """Bytes of a :class:`LogitTable`'s arrays, as its ``nbytes`` reports, without allocating.
+
+  Full storage: :math:`\\tilde E \\cdot N \\cdot (K \\cdot s + 4)` with ``s`` the bytes of
+  ``dtype``; top-k: :math:`\\tilde E \\cdot N \\cdot (k \\cdot (s + s_{id}) + 4 + 4)` with
+  ``s_id`` 2 (uint16 class ids) or 4 (int32, above 65535 classes). The trailing 4 bytes
+  are ``written_epoch`` (int32) and, for top-k, ``rest_lse`` (float32).
+
+  Args:
+    num_examples: rows per slot, > 0.
+    num_classes: logits per example, > 0.
+    E_tilde: :math:`\\tilde E \\ge 1`, the number of slots (Eq. 9 of Du et al. 2022).
+    dtype: 'float32' or 'bfloat16', the storage dtype of the (top-k) logits.
+    topk: 0 for full storage, else the number of logits kept per row, in [1, num_classes).
+
+  Returns:
+    The size in bytes (RAM, or disk with ``memmap_dir``).
+
+  Raises:
+    ValueError: as :class:`LogitTable` does for the same arguments.
+  """
+  _check_layout(num_examples, num_classes, E_tilde, dtype, topk)
+  layout = _layout(num_examples, num_classes, E_tilde=E_tilde, dtype=dtype, topk=topk)
+  return sum(math.prod(shape) * dt.itemsize for shape, dt in layout.values())
+
+
+def _compress_topk(
+  logits: np.ndarray, *, k: int, tau: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Splits float32 [B, K] logits into (top-k logits [B, k], their classes [B, k], rest_lse [B])."""
+  logits = np.asarray(logits, np.float32)
+  num_classes = logits.shape[-1]
+  top_ids = np.argpartition(logits, num_classes - k, axis=-1)[:, num_classes - k :]  # [B, k]
+  top_values = np.take_along_axis(logits, top_ids, axis=-1)
+  scaled = logits / np.float32(tau)  # [B, K], a copy.
+  np.put_along_axis(scaled, top_ids, -np.inf, axis=-1)  # Only the K - k others remain.
+  shift = scaled.max(axis=-1, keepdims=True)  # [B, 1]
+  shift[~np.isfinite(shift)] = 0.0  # An all -inf tail: its log-sum-exp is -inf.
+  scaled -= shift
+  np.exp(scaled, out=scaled)
+  with np.errstate(divide='ignore'):
+    rest_lse = shift[:, 0] + np.log(np.sum(scaled, axis=-1, dtype=np.float64))
+  return top_values, top_ids, rest_lse.astype(np.float32)
+
+
+def _reconstruct_topk(
+  top_values: np.ndarray, top_ids: np.ndarray, rest_lse: np.ndarray, *, num_classes: int, tau: float
+) -> np.ndarray:
+  """Float32 [B, K] target logits: the top-k as stored, the rest flat at the tail's mass."""
+  k = top_values.shape[-1]
+  fill = tau * (rest_lse.astype(np.float64) - np.log(num_classes - k))  # [B]
+  targets = np.empty((len(fill), num_classes), np.float32)
+  targets[:] = fill[:, None]
+  np.put_along_axis(targets, top_ids.astype(np.intp), top_values.astype(np.float32), axis=-1)
+  return targets
 
 
 class LogitTable:
   """Host-side ring of past logits indexed by stable example id.
 
   Attributes:
-    num_examples: rows per slot; valid ids are [0, num_examples).
-    num_classes: columns, the width of the logits.
+    num_examples: rows per slot; valid ids are [first_id, first_id + num_examples).
+    num_classes: the width of the logits, K.
     E_tilde: number of epochs between writing a row and reading it back.
-    dtype: numpy storage dtype (float32 or bfloat16); targets are returned as float32.
+    dtype: numpy storage dtype of the logits (float32 or bfloat16); targets are returned
+      as float32.
+    first_id: the example id of row 0.
+    topk: 0 (full logits stored) or the number k of logits kept per row.
+    tau: the trajectory loss's temperature used by top-k storage; None for full storage.
+    memmap_dir: the directory of the ``.npy`` files, or None (arrays in RAM).
+    values, written_epoch, topk_values, topk_ids, rest_lse: the arrays of the module
+      docstring (None where the layout has no such array).
   """
 
   def __init__(
@@ -64,44 +229,102 @@ class LogitTable:
     *,
     E_tilde: int,
     dtype: str = 'float32',
+    first_id: int = 0,
+    topk: int = 0,
+    tau: float | None = None,
+    memmap_dir: str | None = None,
   ):
     """Creates an empty table (every row never written).
 
     Args:
-      num_examples: number of training examples (ids), > 0.
+      num_examples: number of training examples (ids) this table holds, > 0.
       num_classes: number of logits per example, > 0.
       E_tilde: :math:`\\tilde E \\ge 1`, the look-back in epochs (Eq. 9).
       dtype: storage dtype name, 'float32' (default) or 'bfloat16' (half the memory).
+      first_id: the first example id held, >= 0: this process's partition is
+        ``[first_id, first_id + num_examples)`` of the global ids.
+      topk: 0 (default) stores every logit; ``k`` in ``[1, num_classes)`` stores the k
+        largest logits per row, their class ids and the tail's log-sum-exp (module
+        docstring), exact for the top-k softened probabilities and the tail's total mass.
+      tau: :math:`\\tau > 0`, the trajectory loss's temperature (``config.method.saf.tau``);
+        required when ``topk > 0``, since the tail is summarised at that temperature.
+      memmap_dir: if given, the arrays are ``.npy`` files in this directory (created if
+        missing), memory-mapped so the OS pages them. Existing files of the same names are
+        overwritten: the table starts empty. Use one directory per table (per process).
 
     Raises:
-      ValueError: on a non-positive size, ``E_tilde < 1`` or an unknown ``dtype``.
+      ValueError: on a non-positive size, ``E_tilde < 1``, an unknown ``dtype``, a negative
+        ``first_id``, ``topk`` outside ``{0} U [1, num_classes)``, or ``topk > 0`` without
+        a ``tau > 0``.
     """
-    if num_examples < 1 or num_classes < 1:
+    _check_layout(num_examples, num_classes, E_tilde, dtype, topk)
+    if first_id < 0:
+      raise ValueError(f'LogitTable needs first_id >= 0, got {first_id}.')
+    if topk and (tau is None or not tau > 0):
       raise ValueError(
-        f'LogitTable needs num_examples >= 1 and num_classes >= 1, got '
-        f'{num_examples} and {num_classes}.'
-      )
-    if E_tilde < 1:
-      raise ValueError(f'config.method.saf.E_tilde must be an integer >= 1, got {E_tilde}.')
-    if dtype not in _DTYPES:
-      raise ValueError(
-        f'config.method.saf.table_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.'
+        f'config.method.saf.tau must be > 0 when config.method.saf.table_topk > 0 (the tail '
+        f'is summarised at the loss temperature), got {tau}.'
       )
     self.num_examples = int(num_examples)
     self.num_classes = int(num_classes)
     self.E_tilde = int(E_tilde)
     self.dtype = _DTYPES[dtype]
-    shape = (self.E_tilde, self.num_examples, self.num_classes)
-    self.values = np.zeros(shape, self.dtype)
-    self.written_epoch = np.full(shape[:2], NEVER_WRITTEN, np.int32)
+    self.first_id = int(first_id)
+    self.topk = int(topk)
+    self.tau = float(tau) if topk else None
+    self.memmap_dir = memmap_dir
+    layout = _layout(
+      self.num_examples, self.num_classes, E_tilde=self.E_tilde, dtype=dtype, topk=self.topk
+    )
+    if memmap_dir is not None:
+      os.makedirs(memmap_dir, exist_ok=True)
+    self._arrays: dict[str, np.ndarray] | None = {
+      name: self._new_array(name, shape, dt) for name, (shape, dt) in layout.items()
+    }
+    self._arrays['written_epoch'][...] = NEVER_WRITTEN
     self._queue: queue.Queue = queue.Queue(maxsize=64)
     self._error: BaseException | None = None
     self._writer: threading.Thread | None = None
 
+  def _new_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if self.memmap_dir is None:
+      return np.zeros(shape, dtype)
+    # .npy has no bfloat16: its file holds the uint16 bit patterns (np.load(...).view(bfloat16)).
+    file_dtype = np.dtype(np.uint16) if dtype == _DTYPES['bfloat16'] else dtype
+    path = os.path.join(self.memmap_dir, f'{name}.npy')
+    # Mode 'w+' truncates an existing file: a new table is empty (zeros), never stale rows.
+    return np.lib.format.open_memmap(path, mode='w+', dtype=file_dtype, shape=shape).view(dtype)
+
+  def _live(self) -> dict[str, np.ndarray]:
+    if self._arrays is None:
+      raise RuntimeError('This SAF LogitTable was closed.')
+    return self._arrays
+
+  @property
+  def values(self) -> np.ndarray | None:
+    return self._live().get('values')
+
+  @property
+  def written_epoch(self) -> np.ndarray:
+    return self._live()['written_epoch']
+
+  @property
+  def topk_values(self) -> np.ndarray | None:
+    return self._live().get('topk_values')
+
+  @property
+  def topk_ids(self) -> np.ndarray | None:
+    return self._live().get('topk_ids')
+
+  @property
+  def rest_lse(self) -> np.ndarray | None:
+    return self._live().get('rest_lse')
+
   @property
   def nbytes(self) -> int:
-    """Host memory of the table in bytes (values plus written-epoch bookkeeping)."""
-    return int(self.values.nbytes + self.written_epoch.nbytes)
+    """Bytes of the table's arrays (in RAM, or on disk with ``memmap_dir``); see
+    :func:`table_nbytes`."""
+    return int(sum(a.nbytes for a in self._live().values()))
 
   def _slot(self, epoch: int) -> int:
     if epoch < 1:
@@ -109,21 +332,24 @@ class LogitTable:
     return epoch % self.E_tilde
 
   def _check_ids(self, ids: np.ndarray) -> np.ndarray:
+    """Checks global ids; returns their rows (ids - first_id), int64 [batch]."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
       raise ValueError(f'Example ids must be a 1-D integer array, got {ids.dtype} {ids.shape}.')
-    if ids.size and (ids.min() < 0 or ids.max() >= self.num_examples):
-      bad = ids[(ids < 0) | (ids >= self.num_examples)]
+    lo, hi = self.first_id, self.first_id + self.num_examples
+    if ids.size and (ids.min() < lo or ids.max() >= hi):
+      bad = ids[(ids < lo) | (ids >= hi)]
       raise ValueError(
-        f'Example ids must lie in [0, {self.num_examples}) (the table was built for '
-        f'{self.num_examples} training examples); got {bad[:8].tolist()}.'
+        f'Example ids must lie in [{lo}, {hi}) (the table was built for '
+        f'{self.num_examples} training examples from id {lo}); got {bad[:8].tolist()}, '
+        "not in this process's partition."
       )
     if np.unique(ids).size != ids.size:
       uniq, counts = np.unique(ids, return_counts=True)
       raise ValueError(
         f'Example ids within one batch must be distinct; repeated: {uniq[counts > 1][:8].tolist()}.'
       )
-    return ids
+    return ids.astype(np.int64) - self.first_id
 
   def _check_logits_shape(self, ids: np.ndarray, logits) -> None:
     if tuple(logits.shape) != (ids.size, self.num_classes):
@@ -133,10 +359,14 @@ class LogitTable:
       )
 
   def gather(self, ids: np.ndarray, *, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reads the targets of epoch ``epoch`` (Algorithm 1, line 5).
+    """Reads the targets of epoch ``epoch`` (Algorithm 1, line 5; Eq. 9).
+
+    With top-k storage the targets are reconstructed: the stored top-k logits, and
+    :math:`\\tau (\\mathrm{rest\\_lse} - \\log(K - k))` on every other class (module
+    docstring).
 
     Args:
-      ids: int [batch], stable example ids in [0, num_examples), distinct.
+      ids: int [batch], global example ids in [first_id, first_id + num_examples), distinct.
       epoch: the current epoch, counted from 1.
 
     Returns:
@@ -145,33 +375,53 @@ class LogitTable:
       [batch], 1 where that row was written in exactly that epoch, else 0.
 
     Raises:
-      ValueError: ids out of range, repeated, or not a 1-D integer array.
+      ValueError: ids out of range (not in this process's partition), repeated, or not a
+        1-D integer array.
     """
-    ids = self._check_ids(ids)
+    rows = self._check_ids(ids)
     slot = self._slot(epoch)
-    mask = self.written_epoch[slot, ids] == epoch - self.E_tilde
-    targets = self.values[slot, ids].astype(np.float32)
+    arrays = self._live()
+    mask = arrays['written_epoch'][slot, rows] == epoch - self.E_tilde
+    if self.topk:
+      targets = _reconstruct_topk(
+        arrays['topk_values'][slot, rows],
+        arrays['topk_ids'][slot, rows],
+        arrays['rest_lse'][slot, rows],
+        num_classes=self.num_classes,
+        tau=self.tau,
+      )
+    else:
+      targets = arrays['values'][slot, rows].astype(np.float32)
     targets[~mask] = 0.0  # Never used: masked out of the loss.
     return targets, mask.astype(np.float32)
 
   def write(self, ids: np.ndarray, logits, *, epoch: int) -> None:
     """Records the training forward's logits for epoch ``epoch`` (Algorithm 1, line 4).
 
+    With top-k storage the logits are compressed here, on the host (module docstring).
+
     Args:
-      ids: int [batch], stable example ids, distinct.
+      ids: int [batch], global example ids in [first_id, first_id + num_examples), distinct.
       logits: float [batch, num_classes] (numpy or jax array), this step's own logits.
       epoch: the current epoch, counted from 1.
 
     Raises:
-      ValueError: ids out of range or repeated, or ``logits`` whose shape disagrees with
-        ``ids`` or with the table's ``num_classes``.
+      ValueError: ids out of range (not in this process's partition) or repeated, or
+        ``logits`` whose shape disagrees with ``ids`` or with the table's ``num_classes``.
     """
-    ids = self._check_ids(ids)
+    rows = self._check_ids(ids)
     logits = np.asarray(logits)
-    self._check_logits_shape(ids, logits)
+    self._check_logits_shape(rows, logits)
     slot = self._slot(epoch)
-    self.values[slot, ids] = logits.astype(self.dtype)
-    self.written_epoch[slot, ids] = epoch
+    arrays = self._live()
+    if self.topk:
+      top_values, top_ids, rest_lse = _compress_topk(logits, k=self.topk, tau=self.tau)
+      arrays['topk_values'][slot, rows] = top_values.astype(self.dtype)
+      arrays['topk_ids'][slot, rows] = top_ids
+      arrays['rest_lse'][slot, rows] = rest_lse
+    else:
+      arrays['values'][slot, rows] = logits.astype(self.dtype)
+    arrays['written_epoch'][slot, rows] = epoch
 
   def write_async(self, ids: np.ndarray, logits: jax.Array, *, epoch: int) -> None:
     """Like :meth:`write`, but returns at once; a background thread waits for ``logits``.
@@ -180,8 +430,8 @@ class LogitTable:
     background is re-raised by the next call to this method or to :meth:`flush`.
     """
     self._raise_pending()
-    ids = self._check_ids(ids)
-    self._check_logits_shape(ids, logits)  # Shapes are known before the values are.
+    rows = self._check_ids(ids)
+    self._check_logits_shape(rows, logits)  # Shapes are known before the values are.
     if self._writer is None or not self._writer.is_alive():
       self._writer = threading.Thread(target=self._drain, name='saf-table-writer', daemon=True)
       self._writer.start()
@@ -206,9 +456,28 @@ class LogitTable:
       raise error
 
   def flush(self) -> None:
-    """Blocks until every queued write has landed; re-raises a background error."""
+    """Blocks until every queued write has landed; re-raises a background error.
+
+    Memory-mapped files are not synced to disk here (see :meth:`state_dict`, :meth:`close`).
+    """
     self._queue.join()
     self._raise_pending()
+
+  def _sync_files(self) -> None:
+    for array in self._live().values():
+      if isinstance(array, np.memmap):
+        array.flush()
+
+  def close(self) -> None:
+    """Lands queued writes, syncs memory-mapped files to disk and releases the arrays.
+
+    The files in ``memmap_dir`` are kept. Any later use of the table raises RuntimeError.
+    """
+    if self._arrays is None:
+      return
+    self.flush()
+    self._sync_files()
+    self._arrays = None
 
   def valid_fraction(self, epoch: int) -> float:
     """Share of all examples whose target for ``epoch`` is valid (diagnostics)."""
@@ -216,24 +485,132 @@ class LogitTable:
     return float(np.mean(self.written_epoch[slot] == epoch - self.E_tilde))
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    """The arrays to checkpoint, after every queued write has landed."""
+    """The arrays to checkpoint, after every queued write has landed.
+
+    Returns:
+      ``{'values', 'written_epoch'}`` (full storage) or ``{'topk_values', 'topk_ids',
+      'rest_lse', 'written_epoch'}`` (top-k), with the shapes and dtypes of the module
+      docstring: the table's own arrays (memmaps, synced to disk, with ``memmap_dir``), so
+      also a valid abstract target for restoring a checkpoint.
+    """
     self.flush()
-    return {'values': self.values, 'written_epoch': self.written_epoch}
+    self._sync_files()
+    return dict(self._live())
 
   def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
     """Restores the arrays of :meth:`state_dict` into this table.
 
+    Copies into the table's existing arrays (memory-mapped files stay memory-mapped); logits
+    are cast to this table's ``dtype``.
+
     Raises:
-      ValueError: if their shapes are not this table's (another ``num_examples``,
-        ``num_classes`` or ``E_tilde``).
+      ValueError: if the keys are another layout's (full vs top-k storage), if their
+        shapes are not this table's (another ``num_examples``, ``num_classes``, ``topk`` or
+        ``E_tilde``), or if stored class ids are not below ``num_classes``.
     """
     self.flush()
-    values, written_epoch = arrays['values'], arrays['written_epoch']
-    if values.shape != self.values.shape or written_epoch.shape != self.written_epoch.shape:
+    own = self._live()
+    if set(arrays) != set(own):
       raise ValueError(
-        f'Restored SAF table has shapes {values.shape} and {written_epoch.shape}; this run '
-        f'needs {self.values.shape} and {self.written_epoch.shape} (num_examples, '
-        'num_classes or E_tilde differ).'
+        f'Restored SAF table has arrays {sorted(arrays)} ({_layout_name(arrays)}); this '
+        f'table stores {_layout_name(own)} in {sorted(own)}: config.method.saf.table_topk '
+        'differs from the checkpoint.'
       )
-    self.values = np.asarray(values, self.dtype)
-    self.written_epoch = np.asarray(written_epoch, np.int32)
+    got = {name: tuple(np.shape(arrays[name])) for name in own}
+    need = {name: own[name].shape for name in own}
+    if got != need:
+      raise ValueError(
+        f'Restored SAF table has shapes {got}; this run needs {need} (num_examples, '
+        'num_classes, table_topk or E_tilde differ).'
+      )
+    if self.topk:
+      ids = np.asarray(arrays['topk_ids'])
+      if ids.min() < 0 or ids.max() >= self.num_classes:
+        raise ValueError(
+          f'Restored SAF table has class ids in [{ids.min()}, {ids.max()}]; this run has '
+          f'{self.num_classes} classes (num_classes differ).'
+        )
+    for name, array in own.items():
+      array[...] = np.asarray(arrays[name]).astype(array.dtype, copy=False)  # In place.
+
+
+def _log_softmax64(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  shift = x.max(axis=-1, keepdims=True)
+  shift[~np.isfinite(shift)] = 0.0
+  x = x - shift
+  with np.errstate(divide='ignore'):
+    return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+
+
+def _kl64(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+  """KL(p || q) per row, float64, with 0 * log(0) := 0 as in ``saf_jax.losses``."""
+  p = np.exp(log_p)
+  with np.errstate(invalid='ignore'):
+    return np.sum(np.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def topk_compression_error(
+  target_logits, student_logits, *, k: int, tau: float, dtype: str = 'float32'
+) -> dict[str, float]:
+  """How much top-k storage changes SAF's trajectory loss (Eq. 9) on given logits.
+
+  The targets go through a :class:`LogitTable` with ``topk=k`` (``write`` then ``gather``,
+  the path training takes); both losses are then computed in float64 NumPy as
+  ``saf_jax.losses.trajectory_loss`` defines them,
+  :math:`\\tau^2 \\cdot \\mathrm{mean}_i\\, \\mathrm{KL}(\\mathrm{softmax}(t_i/\\tau) \\|
+  \\mathrm{softmax}(z_i/\\tau))`. "Full" is the uncompressed targets as given, so with
+  ``dtype='bfloat16'`` the error also includes the rounding of the kept logits.
+
+  Args:
+    target_logits: float [N, K], the stored logits :math:`t` (e.g. from a checkpoint).
+    student_logits: float [N, K], the current logits :math:`z` of the same examples.
+    k: logits kept per row, in [1, K).
+    tau: :math:`\\tau > 0`, the temperature.
+    dtype: 'float32' or 'bfloat16', the storage dtype of the kept logits.
+
+  Returns:
+    Floats: ``trajectory_loss_full`` and ``trajectory_loss_topk`` (nats, with the
+    :math:`\\tau^2` factor), ``abs_error`` (absolute difference of the two), ``rel_error``
+    (``abs_error`` over ``trajectory_loss_full``; 0 if both are 0, inf if only the full
+    loss is), ``max_row_abs_error`` (largest per-example absolute difference of the
+    :math:`\\tau^2`-scaled KLs) and ``mean_kl_target`` (mean over rows of
+    :math:`\\mathrm{KL}(p \\| \\hat p)` between the true and reconstructed softened
+    targets, nats, without :math:`\\tau^2`).
+
+  Raises:
+    ValueError: if the arrays are not both [N, K] with N >= 1, or on a ``k``, ``tau`` or
+      ``dtype`` that :class:`LogitTable` rejects.
+  """
+  full = np.asarray(target_logits, np.float64)
+  student = np.asarray(student_logits, np.float64)
+  if full.ndim != 2 or full.shape != student.shape or not full.shape[0]:
+    raise ValueError(
+      f'target_logits and student_logits must both be [N, K] with N >= 1, got '
+      f'{full.shape} and {student.shape}.'
+    )
+  num, num_classes = full.shape
+  table = LogitTable(num, num_classes, E_tilde=1, dtype=dtype, topk=k, tau=tau)
+  ids = np.arange(num)
+  table.write(ids, np.asarray(target_logits, np.float32), epoch=1)  # Logits arrive as float32.
+  reconstructed, _ = table.gather(ids, epoch=2)
+  table.close()
+  log_q = _log_softmax64(student / tau)
+  log_p_full = _log_softmax64(full / tau)
+  log_p_topk = _log_softmax64(reconstructed.astype(np.float64) / tau)
+  rows_full = tau**2 * _kl64(log_p_full, log_q)  # [N], as trajectory_loss per example.
+  rows_topk = tau**2 * _kl64(log_p_topk, log_q)
+  loss_full, loss_topk = float(np.mean(rows_full)), float(np.mean(rows_topk))
+  abs_error = abs(loss_topk - loss_full)
+  if loss_full:
+    rel_error = abs_error / abs(loss_full)
+  else:
+    rel_error = 0.0 if abs_error == 0 else float('inf')
+  return {
+    'trajectory_loss_full': loss_full,
+    'trajectory_loss_topk': loss_topk,
+    'abs_error': abs_error,
+    'rel_error': rel_error,
+    'max_row_abs_error': float(np.max(np.abs(rows_topk - rows_full))),
+    'mean_kl_target': float(np.mean(_kl64(log_p_full, log_p_topk))),
+  }

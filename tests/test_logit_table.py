@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from saf_jax import logit_table
+from saf_jax import logit_table, losses
 
 NUM_EXAMPLES, NUM_CLASSES, BATCH = 50, 4, 8  # 50 % 8 = 2 examples dropped each epoch.
 
@@ -154,3 +154,301 @@ def test_load_state_dict_restores_and_checks_shapes():
   np.testing.assert_array_equal(targets[[0, 2]], [[1.0, 2.0], [3.0, 4.0]])
   with pytest.raises(ValueError, match='E_tilde differ'):
     logit_table.LogitTable(5, 2, E_tilde=3).load_state_dict(table.state_dict())
+
+
+def _softmax64(logits, tau):
+  x = np.asarray(logits, np.float64) / tau
+  e = np.exp(x - x.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize('topk', [0, 3])
+def test_first_id_maps_global_ids_to_this_partition(topk):
+  table = logit_table.LogitTable(10, 5, E_tilde=2, first_id=100, topk=topk, tau=2.0)
+  ids = np.arange(100, 110)
+  logits = np.arange(50, dtype=np.float32).reshape(10, 5)  # Row r: 5r .. 5r + 4.
+  table.write(ids[::-1], logits[::-1], epoch=1)
+  np.testing.assert_array_equal(table.written_epoch[1], [1] * 10)  # Rows 0..9, not ids.
+  targets, mask = table.gather(np.array([103, 100, 109]), epoch=3)
+  np.testing.assert_array_equal(mask, [1, 1, 1])
+  # Top-3 of 5 keeps the 3 largest exactly; both layouts must return row 3, 0, 9.
+  np.testing.assert_array_equal(targets[:, 2:], logits[[3, 0, 9], 2:])
+  if not topk:
+    np.testing.assert_array_equal(targets, logits[[3, 0, 9]])
+  for bad in (99, 110, 0):
+    with pytest.raises(ValueError, match=r"\[100, 110\).*not in this process's partition"):
+      table.gather(np.array([105, bad]), epoch=3)
+    with pytest.raises(ValueError, match=r'\[100, 110\)'):
+      table.write(np.array([bad]), np.zeros((1, 5), np.float32), epoch=3)
+    with pytest.raises(ValueError, match=r'\[100, 110\)'):
+      table.write_async(np.array([bad]), np.zeros((1, 5), np.float32), epoch=3)
+  with pytest.raises(ValueError, match='first_id'):
+    logit_table.LogitTable(10, 5, E_tilde=1, first_id=-1)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_topk_keeps_topk_probabilities_and_tail_mass(dtype):
+  rng = np.random.default_rng(0)
+  num, num_classes, k, tau = 6, 20, 5, 2.0
+  logits = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
+  table = logit_table.LogitTable(num, num_classes, E_tilde=1, dtype=dtype, topk=k, tau=tau)
+  assert table.values is None
+  assert table.topk_values.dtype == np.dtype(dtype) and table.topk_ids.dtype == np.uint16
+  table.write(np.arange(num), logits, epoch=1)
+  targets, mask = table.gather(np.arange(num), epoch=2)
+  assert mask.all() and targets.dtype == np.float32
+  top = np.argsort(-logits, axis=-1)[:, :k]  # [N, k]
+  tail = np.ones_like(logits, bool)
+  np.put_along_axis(tail, top, False, axis=-1)
+  kept = np.take_along_axis(logits, top, axis=-1)
+  if dtype == 'bfloat16':
+    kept = kept.astype(ml_dtypes.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(np.take_along_axis(targets, top, axis=-1), kept)
+  # The other classes share one value: the tail's mass spread uniformly.
+  tail_values = targets[tail].reshape(num, num_classes - k)
+  np.testing.assert_array_equal(tail_values, tail_values[:, :1].repeat(num_classes - k, 1))
+  # Softened: the kept logits' rounding aside, probabilities as the original's.
+  p = _softmax64(np.where(tail, logits, targets), tau)  # The original with kept logits rounded.
+  p_hat = _softmax64(targets, tau)
+  np.testing.assert_allclose(
+    np.take_along_axis(p_hat, top, axis=-1), np.take_along_axis(p, top, axis=-1), rtol=2e-6
+  )
+  np.testing.assert_allclose((p_hat * tail).sum(-1), (p * tail).sum(-1), rtol=2e-6)
+  if dtype == 'float32':  # Then p is exactly the original's softened target.
+    np.testing.assert_allclose(p, _softmax64(logits, tau), rtol=1e-12)
+  # Not a trivial pass: the tail really was reshaped.
+  assert np.abs(p_hat - p).max() > 1e-3
+
+
+def test_topk_rest_lse_is_the_tails_logsumexp_at_tau():
+  logits = np.array([[0.0, 1.0, 5.0, 2.0, -1.0]], np.float32)
+  table = logit_table.LogitTable(1, 5, E_tilde=1, topk=2, tau=0.5)
+  table.write(np.array([0]), logits, epoch=1)
+  assert sorted(table.topk_ids[0, 0].tolist()) == [2, 3]
+  tail = np.array([0.0, 1.0, -1.0]) / 0.5
+  np.testing.assert_allclose(table.rest_lse[0, 0], np.log(np.exp(tail).sum()), rtol=1e-6)
+  targets, _ = table.gather(np.array([0]), epoch=2)
+  fill = 0.5 * (np.log(np.exp(tail).sum()) - np.log(3))
+  np.testing.assert_allclose(targets[0], [fill, fill, 5.0, 2.0, fill], rtol=1e-6)
+
+
+def test_topk_k_is_num_classes_minus_1_is_exact():
+  rng = np.random.default_rng(1)
+  targets = rng.normal(size=(8, 6)).astype(np.float32) * 4
+  student = rng.normal(size=(8, 6)).astype(np.float32) * 4
+  stats = logit_table.topk_compression_error(targets, student, k=5, tau=3.0)
+  assert stats['trajectory_loss_full'] > 0.1
+  assert stats['abs_error'] < 1e-5 * stats['trajectory_loss_full']
+  assert stats['max_row_abs_error'] < 1e-5
+  assert stats['mean_kl_target'] < 1e-10
+
+
+def test_topk_error_vanishes_for_a_flat_tail_and_not_otherwise():
+  rng = np.random.default_rng(2)
+  num, num_classes, k, tau = 10, 12, 3, 5.0
+  targets = np.full((num, num_classes), -2.0, np.float32)  # Flat tail ...
+  targets[:, :k] = rng.normal(size=(num, k)) + 3.0  # ... under k larger logits.
+  targets = rng.permuted(targets, axis=1)
+  student = (2.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
+  flat = logit_table.topk_compression_error(targets, student, k=k, tau=tau)
+  assert flat['trajectory_loss_full'] > 0.1
+  assert flat['abs_error'] < 1e-6 * flat['trajectory_loss_full']
+  assert flat['max_row_abs_error'] < 1e-5 and flat['mean_kl_target'] < 1e-10
+  bumpy = targets + np.where(targets == -2.0, rng.normal(size=targets.shape), 0.0)
+  rough = logit_table.topk_compression_error(bumpy.astype(np.float32), student, k=k, tau=1.0)
+  assert rough['mean_kl_target'] > 1e-3 and rough['max_row_abs_error'] > 1e-3
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_topk_compression_error_agrees_with_losses(dtype):
+  rng = np.random.default_rng(3)
+  num, num_classes, k, tau = 16, 10, 3, 2.0
+  targets = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
+  student = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
+  stats = logit_table.topk_compression_error(targets, student, k=k, tau=tau, dtype=dtype)
+  table = logit_table.LogitTable(num, num_classes, E_tilde=1, dtype=dtype, topk=k, tau=tau)
+  table.write(np.arange(num), targets, epoch=1)
+  reconstructed, _ = table.gather(np.arange(num), epoch=2)
+  full = float(losses.trajectory_loss(jnp.asarray(student), jnp.asarray(targets), temperature=tau))
+  topk = float(
+    losses.trajectory_loss(jnp.asarray(student), jnp.asarray(reconstructed), temperature=tau)
+  )
+  assert stats['trajectory_loss_full'] == pytest.approx(full, rel=1e-5)
+  assert stats['trajectory_loss_topk'] == pytest.approx(topk, rel=1e-5)
+  diff = stats['trajectory_loss_full'] - stats['trajectory_loss_topk']
+  assert stats['abs_error'] == pytest.approx(abs(diff), rel=1e-12)
+  assert stats['rel_error'] == pytest.approx(abs(diff) / stats['trajectory_loss_full'], rel=1e-12)
+  assert stats['abs_error'] > 1e-3  # A real difference, at this k.
+  p, p_hat, q = (_softmax64(x, tau) for x in (targets, reconstructed, student))
+  kl = np.sum(p * np.log(p / p_hat), axis=-1)
+  assert stats['mean_kl_target'] == pytest.approx(kl.mean(), rel=1e-6)
+  rows = tau**2 * (np.sum(p * np.log(p / q), -1) - np.sum(p_hat * np.log(p_hat / q), -1))
+  assert stats['max_row_abs_error'] == pytest.approx(np.abs(rows).max(), rel=1e-6)
+  if dtype == 'float32':  # The module docstring's decomposition of the difference.
+    cross = np.sum((p - p_hat) * np.log(q), axis=-1)
+    assert diff == pytest.approx(tau**2 * (kl - cross).mean(), rel=1e-5)
+
+
+def test_topk_compression_error_checks_shapes():
+  with pytest.raises(ValueError, match=r'\[N, K\]'):
+    logit_table.topk_compression_error(np.zeros((2, 5)), np.zeros((2, 4)), k=2, tau=1.0)
+  with pytest.raises(ValueError, match='table_topk'):
+    logit_table.topk_compression_error(np.zeros((2, 5)), np.zeros((2, 5)), k=5, tau=1.0)
+
+
+def test_topk_class_ids_widen_past_65535_classes():
+  num_classes = 70000
+  table = logit_table.LogitTable(1, num_classes, E_tilde=1, topk=2, tau=1.0)
+  assert table.topk_ids.dtype == np.int32
+  assert logit_table.LogitTable(1, 65535, E_tilde=1, topk=2, tau=1.0).topk_ids.dtype == np.uint16
+  assert logit_table.LogitTable(1, 65536, E_tilde=1, topk=2, tau=1.0).topk_ids.dtype == np.int32
+  logits = np.zeros((1, num_classes), np.float32)
+  logits[0, [69999, 65536]] = [9.0, 8.0]
+  table.write(np.array([0]), logits, epoch=1)
+  targets, _ = table.gather(np.array([0]), epoch=2)
+  assert targets[0, 69999] == 9.0 and targets[0, 65536] == 8.0
+  np.testing.assert_allclose(targets[0, :3], 0.0, atol=1e-5)  # Flat zero tail: exact.
+
+
+@pytest.mark.parametrize('topk', [-1, 4, 5])
+def test_bad_topk_raises(topk):
+  with pytest.raises(ValueError, match=r'table_topk.*\[1, 4\)'):
+    logit_table.LogitTable(3, 4, E_tilde=1, topk=topk, tau=1.0)
+  with pytest.raises(ValueError, match='table_topk'):
+    logit_table.table_nbytes(3, 4, E_tilde=1, topk=topk)
+
+
+@pytest.mark.parametrize('tau', [None, 0.0, -1.0])
+def test_topk_needs_a_positive_tau(tau):
+  with pytest.raises(ValueError, match='tau must be > 0'):
+    logit_table.LogitTable(3, 4, E_tilde=1, topk=2, tau=tau)
+  assert logit_table.LogitTable(3, 4, E_tilde=1, tau=tau).tau is None  # Unused when full.
+
+
+@pytest.mark.parametrize(
+  'num_examples, num_classes, E_tilde, dtype, topk, row_bytes',
+  [
+    (7, 5, 1, 'float32', 0, 5 * 4 + 4),
+    (7, 5, 3, 'bfloat16', 0, 5 * 2 + 4),
+    (7, 5, 2, 'float32', 2, 2 * (4 + 2) + 4 + 4),
+    (7, 5, 2, 'bfloat16', 4, 4 * (2 + 2) + 4 + 4),
+    (3, 70000, 1, 'bfloat16', 3, 3 * (2 + 4) + 4 + 4),
+  ],
+)
+def test_nbytes_is_table_nbytes(num_examples, num_classes, E_tilde, dtype, topk, row_bytes):
+  expected = E_tilde * num_examples * row_bytes
+  table = logit_table.LogitTable(
+    num_examples, num_classes, E_tilde=E_tilde, dtype=dtype, topk=topk, tau=1.0
+  )
+  assert table.nbytes == expected
+  nbytes = logit_table.table_nbytes(
+    num_examples, num_classes, E_tilde=E_tilde, dtype=dtype, topk=topk
+  )
+  assert nbytes == expected
+
+
+def test_imagenet_table_nbytes():
+  n, classes, e_tilde = 1_281_167, 1000, 3  # ImageNet-1k train split; E_tilde of the paper.
+  f32 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde)
+  bf16 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde, dtype='bfloat16')
+  top10 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde, topk=10)
+  assert f32 == 3 * n * 1000 * 4 + 3 * n * 4 == 15_389_378_004  # 15,389 MB, 14,676 MiB.
+  assert bf16 == 3 * n * 1000 * 2 + 3 * n * 4 == 7_702_376_004  # 7,702 MB, 7,346 MiB.
+  # 10 float32 logits + 10 uint16 ids + rest_lse + written_epoch = 68 bytes per row.
+  assert top10 == 3 * n * (10 * 4 + 10 * 2 + 4 + 4) == 261_358_068  # 261 MB, 249 MiB.
+  # Table 2 of the paper: 14,643 MB for SAF on ImageNet; within 0.3 % if those are MiB.
+  assert abs(f32 / 2**20 - 14_643) / 14_643 < 0.003
+
+
+def test_memmap_table_lives_in_npy_files(tmp_path):
+  directory = str(tmp_path / 'table')
+  table = logit_table.LogitTable(6, 3, E_tilde=2, memmap_dir=directory)
+  assert isinstance(table.values, np.memmap) and isinstance(table.written_epoch, np.memmap)
+  assert sorted(p.name for p in (tmp_path / 'table').iterdir()) == [
+    'values.npy',
+    'written_epoch.npy',
+  ]
+  logits = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
+  table.write(np.array([4, 1]), logits, epoch=1)
+  table.state_dict()  # Syncs the files.
+  values = np.load(f'{directory}/values.npy', mmap_mode='r')
+  written = np.load(f'{directory}/written_epoch.npy', mmap_mode='r')
+  np.testing.assert_array_equal(values[1, [4, 1]], logits)
+  never = logit_table.NEVER_WRITTEN
+  np.testing.assert_array_equal(written[1], [never, 1, never, never, 1, never])
+  del values, written
+  table.close()
+  with pytest.raises(RuntimeError, match='closed'):
+    table.gather(np.array([1]), epoch=3)
+  # A new table in the same directory starts empty.
+  fresh = logit_table.LogitTable(6, 3, E_tilde=2, memmap_dir=directory)
+  assert not fresh.gather(np.arange(6), epoch=3)[1].any()
+  np.testing.assert_array_equal(np.load(f'{directory}/values.npy'), 0.0)
+  np.testing.assert_array_equal(
+    np.load(f'{directory}/written_epoch.npy'), logit_table.NEVER_WRITTEN
+  )
+
+
+def test_state_dict_and_close_sync_memmaps_to_disk(tmp_path, monkeypatch):
+  synced = []
+  monkeypatch.setattr(np.memmap, 'flush', lambda self: synced.append(self.shape))
+  table = logit_table.LogitTable(5, 4, E_tilde=2, topk=2, tau=1.0, memmap_dir=str(tmp_path))
+  table.state_dict()
+  assert sorted(synced) == [(2, 5), (2, 5), (2, 5, 2), (2, 5, 2)]
+  table.close()
+  assert len(synced) == 8
+  logit_table.LogitTable(5, 4, E_tilde=2).state_dict()  # In RAM: nothing to sync.
+  assert len(synced) == 8
+
+
+def test_memmap_load_state_dict_copies_in_place(tmp_path):
+  source = logit_table.LogitTable(5, 2, E_tilde=2)
+  source.write(np.array([1, 3]), np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), epoch=1)
+  table = logit_table.LogitTable(5, 2, E_tilde=2, memmap_dir=str(tmp_path))
+  values = table.values
+  table.load_state_dict(source.state_dict())
+  assert table.values is values and isinstance(table.values, np.memmap)
+  targets, mask = table.gather(np.array([1, 2, 3]), epoch=3)
+  np.testing.assert_array_equal(mask, [1, 0, 1])
+  np.testing.assert_array_equal(targets[[0, 2]], [[1.0, 2.0], [3.0, 4.0]])
+  state = table.state_dict()
+  assert sorted(state) == ['values', 'written_epoch']
+  np.testing.assert_array_equal(np.load(tmp_path / 'values.npy')[1, 3], [3.0, 4.0])
+
+
+def test_memmap_topk_bfloat16_round_trip(tmp_path):
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(4, 6)).astype(np.float32)
+  kwargs = dict(E_tilde=1, dtype='bfloat16', topk=2, tau=1.5)
+  table = logit_table.LogitTable(4, 6, memmap_dir=str(tmp_path / 'a'), **kwargs)
+  table.write(np.arange(4), logits, epoch=1)
+  expected, _ = table.gather(np.arange(4), epoch=2)
+  state = table.state_dict()
+  assert {k: (v.shape, v.dtype) for k, v in state.items()} == {
+    'topk_values': ((1, 4, 2), np.dtype(ml_dtypes.bfloat16)),
+    'topk_ids': ((1, 4, 2), np.dtype(np.uint16)),
+    'rest_lse': ((1, 4), np.dtype(np.float32)),
+    'written_epoch': ((1, 4), np.dtype(np.int32)),
+  }
+  on_disk = np.load(tmp_path / 'a' / 'topk_values.npy').view(ml_dtypes.bfloat16)  # uint16 bits.
+  np.testing.assert_array_equal(on_disk, state['topk_values'])
+  restored = logit_table.LogitTable(4, 6, memmap_dir=str(tmp_path / 'b'), **kwargs)
+  restored.load_state_dict({k: np.array(v) for k, v in state.items()})
+  assert all(isinstance(v, np.memmap) for v in restored.state_dict().values())
+  targets, mask = restored.gather(np.arange(4), epoch=2)
+  assert mask.all()
+  np.testing.assert_array_equal(targets, expected)
+
+
+def test_layout_mismatch_raises():
+  full = logit_table.LogitTable(5, 4, E_tilde=2)
+  topk = logit_table.LogitTable(5, 4, E_tilde=2, topk=2, tau=1.0)
+  with pytest.raises(ValueError, match=r'\(full logits\).*stores top-k logits.*table_topk'):
+    topk.load_state_dict(full.state_dict())
+  with pytest.raises(ValueError, match=r'\(top-k logits\).*stores full logits'):
+    full.load_state_dict(topk.state_dict())
+  with pytest.raises(ValueError, match='table_topk or E_tilde differ'):
+    logit_table.LogitTable(5, 4, E_tilde=2, topk=3, tau=1.0).load_state_dict(topk.state_dict())
+  bad_ids = dict(topk.state_dict(), topk_ids=np.full((2, 5, 2), 4, np.uint16))
+  with pytest.raises(ValueError, match='num_classes differ'):
+    topk.load_state_dict(bad_ids)
