@@ -5,6 +5,8 @@ r"""Trains and evaluates an image classifier with SAF, MESA or vanilla SGD.
       --config.optimizer.lr=0.1
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,6 +26,13 @@ def main(argv):
 
   tf.config.set_visible_devices([], 'GPU')
   import jax
+
+  dist = FLAGS.config.distributed
+  if dist.enabled or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    # Cross-process collectives for the CPU backend (CPU-only clusters, the 2-process test);
+    # accelerators use their own.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
 
   from saf_jax import train
 

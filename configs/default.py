@@ -99,6 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method.saf.E_start = 2  # Trajectory loss added in epochs > E_start.
   config.method.saf.E_tilde = 2  # Targets are the logits from E_tilde epochs ago.
   config.method.saf.table_dtype = 'float32'  # 'float32' | 'bfloat16'.
+  # 0: store all logits; k >= 1: only the k largest per example, plus the tail's mass at
+  # temperature tau (saf_jax.logit_table; for many classes, e.g. ImageNet's 1000).
+  config.method.saf.table_topk = 0
+  config.method.saf.table_memmap = False  # Keep the table in workdir/saf_table (.npy).
   config.method.mesa = ml_collections.ConfigDict()
   config.method.mesa.lam = 0.8  # lambda (Eq. 13).
   config.method.mesa.tau = 5.0  # Temperature.
@@ -147,11 +151,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Checkpoint.
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 1  # Save period, epochs (and after the last).
+  config.checkpoint.every_steps = 0  # Also save every N steps mid-epoch; 0 = never.
   config.checkpoint.max_to_keep = 2  # Checkpoints kept in workdir/checkpoints.
 
   # Mesh.
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # Devices on the 'data' axis; -1 = all local devices.
+  config.mesh.data = -1  # Devices on the 'data' axis; -1 = all devices (all processes).
+  config.mesh.param_sharding = 'replicated'  # How the state is laid out on the mesh.
+
+  # Multi-host (TPU pods, several GPU nodes): main.py calls jax.distributed.initialize()
+  # when enabled, or when the JAX_COORDINATOR_ADDRESS environment variable is set. None
+  # fields are auto-detected by JAX (TPU pods, SLURM, Open MPI).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.enabled = False
+  config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+  config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
 
   if args['smoke']:
     config.num_epochs = 4

@@ -115,16 +115,26 @@ class Run:
     return [jax.device_put({k: b[k] for k in ('image', 'label')}, data) for b in batches]
 
 
-def _analysis_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config.analysis`` with the defaults of runs that predate it."""
+def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with the values of fields added after older runs were trained."""
   defaults = {
-    'sharpness_every_epochs': 0,
-    'rho': sharpness.DEFAULT_RHO,
-    'sharpness_num_batches': 8,
-    'subset_seed': 0,
+    'analysis': {
+      'sharpness_every_epochs': 0,
+      'rho': sharpness.DEFAULT_RHO,
+      'sharpness_num_batches': 8,
+      'subset_seed': 0,
+    },
+    'mesh': {'param_sharding': 'replicated'},
+    'checkpoint': {'every_steps': 0},
   }
-  defaults.update(config.get('analysis', {}))
-  return ml_collections.ConfigDict(defaults)
+  for section, fields in defaults.items():
+    config[section] = ml_collections.ConfigDict({**fields, **config.get(section, {})})
+  saf = config.method.get('saf')
+  if saf is not None:
+    config.method.saf = ml_collections.ConfigDict(
+      {'table_topk': 0, 'table_memmap': False, **saf.to_dict()}
+    )
+  return config
 
 
 def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = None) -> Run:
@@ -132,7 +142,7 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
 
   Args:
     workdir: a directory written by ``main.py``.
-    epoch: the checkpoint to restore; None for the latest.
+    epoch: restore the checkpoint saved at the end of this epoch; None for the latest.
     data_dir: TFDS data_dir to read the dataset from, instead of the config's.
 
   Returns:
@@ -150,7 +160,7 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
   check_workdir(workdir, epoch=epoch)
   config = ml_collections.ConfigDict(_read_config(workdir))
   config.mesh.data = -1
-  config.analysis = _analysis_config(config)
+  config = _with_defaults(config)
   if data_dir is not None:
     config.input.data_dir = data_dir
   try:
@@ -158,13 +168,14 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
   except ValueError as e:
     raise ValueError(f'The config.json of {workdir!r} is invalid: {e}') from e
   # check_workdir found a checkpoint first: the manager would create the directory.
+  saved = checkpoint.saved_epochs(workdir)
+  epoch = max(saved) if epoch is None else epoch
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep)
   try:
-    epoch = ckpt.latest_epoch() if epoch is None else epoch
     datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
     experiment = train.build_experiment(config, datasets.info)
     try:
-      state, _, meta = ckpt.restore(epoch, experiment.abstract_state, None)
+      state, _, meta = ckpt.restore(saved[epoch], experiment.abstract_state, None)
     except (ValueError, TypeError, KeyError) as e:
       raise ValueError(
         f'The checkpoint of epoch {epoch} in {workdir!r} does not match its config.json '
@@ -439,11 +450,7 @@ def check_workdir(
       f'in {workdir!r} (config.input.num_train_examples); pass --num_examples={num_train} or '
       'fewer.'
     )
-  saved = (
-    sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints')) if name.isdigit())
-    if os.path.isdir(os.path.join(workdir, 'checkpoints'))
-    else []
-  )
+  saved = sorted(checkpoint.saved_epochs(workdir))
   if not saved:
     raise ValueError(f'{workdir!r} has no checkpoint in checkpoints/: train it first.')
   if epoch is not None and epoch not in saved:

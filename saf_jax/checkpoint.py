@@ -1,10 +1,21 @@
-"""All Orbax calls: epoch-boundary checkpoints of the train state and SAF's table.
+"""All Orbax calls: checkpoints of the train state, SAF's table and the data position.
 
-A workdir holds ``config.json`` (the run's config) and ``checkpoints/<epoch>/`` with
-three items: ``state`` (the whole ``TrainState``), ``table`` (SAF's ``values`` and
-``written_epoch``; empty for other methods) and ``meta`` (epoch and step). Data order
-and augmentation derive from (seed, epoch) and the step's randomness from the step, so
-resuming at an epoch boundary continues the run as if it had not stopped.
+A workdir holds ``config.json`` (the run's config) and two kinds of checkpoint, both keyed
+by the global step and each committed atomically by Orbax (written to a temporary
+directory, then renamed):
+
+* ``checkpoints/<step>/``, written by all processes together: ``state`` (the whole
+  ``TrainState``: step, params, batch_stats, opt_state, MESA's EMA params and stats) and
+  ``meta`` (JSON: epoch, batches of that epoch done, step, device and process counts, and
+  the per-step train metrics of an unfinished epoch).
+* ``checkpoints_table/process_<p>/<step>/``, SAF only, written by process ``p`` alone:
+  the rows of its partition of the logit table with their written-epoch bookkeeping.
+
+The table is saved before the state, so a step with a ``state`` has every process's table
+too; :meth:`Checkpointer.latest_step` returns the newest step that is complete for every
+process. There is no random-number state to save: data order and augmentation derive from
+(seed, epoch, process) and each step's randomness from (seed, step), so resuming at any
+saved step continues the run exactly as if it had not stopped.
 
 Before anything is written, :func:`check_workdir` compares the workdir's stored config
 with the new one and refuses a mismatch in any field that changes the training
@@ -13,12 +24,15 @@ trajectory, so another run's checkpoint is never resumed or overwritten by mista
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 # Fields that may differ between a run and its resumption (they do not change training).
 _RESUME_FREE = (
@@ -31,6 +45,8 @@ _RESUME_FREE = (
   'checkpoint',
   'mesh',
   'analysis',
+  'distributed',
+  'method.saf.table_memmap',
 )
 
 
@@ -65,12 +81,18 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   Raises:
     ValueError: if ``workdir/config.json`` exists and differs from ``config`` in a field
-      that changes the training trajectory (dataset, model, optimizer, method, seed,
-      epochs, batch size, ...). The message lists each differing field with both values.
-      Nothing in the workdir is touched.
+      that changes the training trajectory (dataset and its size, number of classes,
+      model, optimizer, method, E_tilde, seed, epochs, batch size, ...), or if the workdir
+      holds checkpoints but no ``config.json``. The message lists each differing field with
+      both values. Nothing in the workdir is touched.
   """
   path = config_path(workdir)
   if not os.path.exists(path):
+    if saved_steps(workdir):
+      raise ValueError(
+        f'Workdir {workdir!r} holds checkpoints but no config.json, so it cannot be '
+        'checked that they belong to this config; restore config.json or use a new --workdir.'
+      )
     return
   with open(path) as f:
     old = _trajectory_fields(json.load(f))
@@ -97,64 +119,245 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(tmp, path)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Steps with a committed ``checkpoints/<step>`` (state and meta), ascending; no Orbax."""
+  root = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(name) for name in os.listdir(root) if name.isdigit())
+
+
+def saved_epochs(workdir: str) -> dict[int, int]:
+  """``{epoch: step}`` of the checkpoints saved at the end of an epoch, read-only.
+
+  Mid-epoch checkpoints (``config.checkpoint.every_steps``, SIGTERM) are left out.
+  """
+  steps = saved_steps(workdir)
+  if not steps:
+    return {}
+  manager = _manager(os.path.join(workdir, 'checkpoints'), None, read_only=True, create=False)
+  try:
+    epochs = {}
+    for step in steps:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      if meta.get('batches_done', 1) >= meta.get('steps_per_epoch', 1):
+        epochs[meta['epoch']] = step
+    return epochs
+  finally:
+    manager.close()
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that exists but cannot be read (incomplete or corrupt files)."""
+
+
+# Words in Orbax/TensorStore errors about missing or damaged files (not a tree mismatch).
+_DAMAGED = ('NOT_FOUND', 'DATA_LOSS', 'not found', 'No such file', 'corrupt', 'Unable to ')
+
+
+def _looks_damaged(error: Exception) -> bool:
+  return isinstance(error, OSError) or any(word in str(error) for word in _DAMAGED)
+
+
+def _manager(directory: str, max_to_keep: int | None, **options) -> ocp.CheckpointManager:
+  options = {'create': True, **options}
+  return ocp.CheckpointManager(
+    os.path.abspath(directory),
+    options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **options),
+  )
+
+
 class Checkpointer:
-  """One ``ocp.CheckpointManager`` for a workdir, keyed by epoch."""
+  """The Orbax managers of one workdir: the train state, and this process's SAF table.
 
-  def __init__(self, workdir: str, *, max_to_keep: int):
-    self._manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-    )
+  Attributes:
+    workdir: the run's directory.
+  """
 
-  def latest_epoch(self) -> int | None:
-    """The last completed epoch saved, or None."""
-    return self._manager.latest_step()
-
-  def save(
-    self, epoch: int, state: Any, table: dict[str, np.ndarray] | None, *, num_devices: int
-  ) -> None:
-    """Saves after ``epoch``; blocks until the checkpoint is committed.
+  def __init__(self, workdir: str, *, max_to_keep: int, with_table: bool = False):
+    """Opens (creating if needed) the checkpoint directories of ``workdir``.
 
     Args:
-      epoch: the epoch just completed (the checkpoint's key).
-      state: the ``TrainState``.
-      table: SAF's ``LogitTable.state_dict()``; None for methods without a table (Orbax
-        refuses an empty item, so there is then no ``table`` item).
-      num_devices: devices on the run's 'data' mesh axis, kept in ``meta``.
+      workdir: the run's directory.
+      max_to_keep: checkpoints kept; older ones are deleted after each save.
+      with_table: whether this run has a SAF table (then each process keeps its own).
     """
-    meta = {'epoch': epoch, 'step': int(jax.device_get(state.step)), 'num_devices': num_devices}
-    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
-    if table:
-      items['table'] = ocp.args.StandardSave(table)
-    self._manager.save(epoch, args=ocp.args.Composite(**items))
-    self._manager.wait_until_finished()
+    self.workdir = workdir
+    self._state = _manager(os.path.join(workdir, 'checkpoints'), max_to_keep)
+    self._table = _TableFiles(workdir) if with_table else None
 
-  def meta(self, epoch: int) -> dict[str, Any]:
-    """The ``meta`` item (epoch, step, num_devices) saved after ``epoch``, alone."""
-    restored = self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  def latest_step(self) -> int | None:
+    """The newest step whose state, and (SAF) every process's table, were committed."""
+    state_steps = set(self._state.all_steps())
+    steps = state_steps
+    if self._table is not None:
+      steps = state_steps & set(self._table.steps())
+      if state_steps and not steps:  # Never start afresh over another run's checkpoints.
+        raise CheckpointError(
+          f'The checkpoints at steps {sorted(state_steps)} in {self.workdir!r} have no SAF '
+          f'table under checkpoints_table/process_{jax.process_index()} (saved by an older '
+          'saf_jax, or the table files were removed); use a new --workdir.'
+        )
+    local = max(steps, default=-1)
+    if jax.process_count() > 1:
+      # A process killed between its table and the state has one table step more: agree.
+      everyone = multihost_utils.process_allgather(np.asarray(local))
+      local = int(np.min(everyone))
+      if local >= 0 and not bool(
+        np.all(multihost_utils.process_allgather(np.asarray(local in steps)))
+      ):
+        raise CheckpointError(
+          f'The processes of this run hold no common complete checkpoint at step {local} '
+          f'in {self.workdir!r}; a table directory under checkpoints_table/ is damaged.'
+        )
+    return None if local < 0 else local
+
+  def save(
+    self,
+    step: int,
+    state: Any,
+    table: dict[str, np.ndarray] | None,
+    meta: dict[str, Any],
+  ) -> None:
+    """Saves at ``step``: this process's table first, then the state; blocks until committed.
+
+    Args:
+      step: the global step, the checkpoint's key (``state.step``).
+      state: the ``TrainState``.
+      table: SAF's ``LogitTable.state_dict()`` of this process, or None.
+      meta: JSON-serialisable position and bookkeeping (see ``train.train_and_evaluate``).
+    """
+    if table is not None:
+      self._table.save(step, table)
+    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+    self._state.save(step, args=ocp.args.Composite(**items))
+    self._state.wait_until_finished()
+    if table is not None:
+      self._table.keep_only(self._state.all_steps())
+
+  def meta(self, step: int) -> dict[str, Any]:
+    """The ``meta`` item saved at ``step``, alone.
+
+    Raises:
+      CheckpointError: if it cannot be read.
+    """
+    try:
+      restored = self._state.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for missing or damaged files.
+      raise self._unreadable(step, e) from e
     return restored.meta
 
   def restore(
-    self, epoch: int, abstract_state: Any, abstract_table: dict[str, Any] | None
+    self, step: int, abstract_state: Any, abstract_table: dict[str, Any] | None
   ) -> tuple[Any, dict[str, np.ndarray] | None, dict[str, Any]]:
-    """Restores ``(state, table arrays or None, meta)`` saved after ``epoch``.
+    """Restores ``(state, table arrays or None, meta)`` saved at ``step``.
 
     Args:
-      epoch: a saved epoch (see :meth:`latest_epoch`).
-      abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings) like the state.
-      abstract_table: ``{'values': ..., 'written_epoch': ...}`` shapes for SAF, else None.
+      step: a saved step (see :meth:`latest_step`).
+      abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with this run's shardings,
+        which may differ from the saving run's: checkpoints hold whole arrays).
+      abstract_table: this process's ``LogitTable.state_dict()`` for SAF, else None.
+
+    Raises:
+      ValueError: if the saved arrays do not match the abstract ones (another model or
+        table layout).
+      CheckpointError: if files of the checkpoint are missing or damaged.
     """
-    items = {
-      'state': ocp.args.StandardRestore(abstract_state),
-      'meta': ocp.args.JsonRestore(),
-    }
-    if abstract_table:
-      items['table'] = ocp.args.StandardRestore(abstract_table)
-    restored = self._manager.restore(epoch, args=ocp.args.Composite(**items))
     table = None
-    if abstract_table:
-      table = {k: np.asarray(v) for k, v in restored.table.items()}
+    try:
+      if abstract_table is not None:
+        table = self._table.restore(step, abstract_table)
+      restored = self._state.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
+      if isinstance(e, (ValueError, TypeError, KeyError)) and not _looks_damaged(e):
+        raise  # A structure or shape mismatch: the caller names the config.
+      raise self._unreadable(step, e) from e
     return restored.state, table, restored.meta
 
+  def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+    first = '\n'.join(str(error).splitlines()[:2])
+    return CheckpointError(
+      f'The checkpoint of step {step} in {self.workdir!r} cannot be read '
+      f'({type(error).__name__}: {first}). Its files are incomplete or damaged; nothing '
+      f'was changed. Move checkpoints/{step} (and checkpoints_table/*/{step}) aside to '
+      'resume from the previous checkpoint, or use a new --workdir.'
+    )
+
   def close(self) -> None:
-    self._manager.close()
+    self._state.close()
+
+
+# Storage dtypes that .npy has no code for, saved as same-width unsigned integers.
+_NPY_VIEWS = {np.dtype(ml_dtypes.bfloat16): np.dtype(np.uint16)}
+
+
+class _TableFiles:
+  """This process's SAF table checkpoints: ``checkpoints_table/process_<p>/<step>/*.npy``.
+
+  Written by one process alone, without any collective (Orbax's managers coordinate all
+  processes, and a per-process subset of them raced on its temporary directories in a
+  2-process test). Each step is written to a temporary directory and renamed into place,
+  so a step directory is always complete; arrays are read back memory-mapped, so a table
+  larger than RAM can be restored into a memory-mapped table.
+  """
+
+  def __init__(self, workdir: str):
+    self.directory = os.path.join(workdir, 'checkpoints_table', f'process_{jax.process_index()}')
+
+  def steps(self) -> list[int]:
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+
+  def save(self, step: int, arrays: dict[str, np.ndarray]) -> None:
+    final = os.path.join(self.directory, str(step))
+    tmp = f'{final}.tmp'
+    for path in (tmp, final):  # A final one is left by a run killed before its state landed.
+      if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(tmp)
+    for name, array in arrays.items():
+      array = np.asarray(array)
+      with open(os.path.join(tmp, f'{name}.npy'), 'wb') as f:
+        np.save(f, array.view(_NPY_VIEWS.get(array.dtype, array.dtype)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)
+
+  def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Arrays like ``abstract``'s (same keys, shapes and dtypes), memory-mapped from disk.
+
+    Raises:
+      ValueError: if the saved keys, shapes or dtypes differ from ``abstract``'s.
+      FileNotFoundError: if a file is missing.
+    """
+    directory = os.path.join(self.directory, str(step))
+    saved = sorted(name[:-4] for name in os.listdir(directory) if name.endswith('.npy'))
+    if saved != sorted(abstract):
+      raise ValueError(
+        f'The SAF table saved at step {step} has arrays {saved}; this run needs '
+        f'{sorted(abstract)} (another config.method.saf.table_topk).'
+      )
+    arrays = {}
+    for name, like in abstract.items():
+      array = np.load(os.path.join(directory, f'{name}.npy'), mmap_mode='r')
+      want = np.dtype(like.dtype)
+      if array.dtype == _NPY_VIEWS.get(want, want):
+        array = array.view(want)
+      if array.shape != like.shape or array.dtype != want:
+        raise ValueError(
+          f'The SAF table array {name!r} saved at step {step} is {array.dtype} '
+          f'{array.shape}; this run needs {want} {like.shape}.'
+        )
+      arrays[name] = array
+    return arrays
+
+  def keep_only(self, steps) -> None:
+    """Deletes the table checkpoints whose state checkpoint Orbax has deleted."""
+    for step in set(self.steps()) - set(steps):
+      shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)

@@ -53,6 +53,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from saf_jax import sharding
+
 try:
   # JAX owns the accelerators; TensorFlow only feeds batches from host memory.
   tf.config.set_visible_devices([], 'GPU')
@@ -181,40 +183,68 @@ class Datasets:
     self._mean = tf.constant(mean, dtype=tf.float32)
     self._std = tf.constant(std, dtype=tf.float32)
 
-  def train_epoch(self, epoch: int, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates over one epoch of shuffled, augmented train batches.
+  def train_epoch(
+    self,
+    epoch: int,
+    *,
+    batch_size: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates over one epoch of shuffled, augmented train batches of one process.
 
-    The order is a permutation of all ids fixed by ``(seed, epoch)``; the last
-    ``num_train % batch_size`` ids of the permutation are dropped. Calling this again with the
-    same epoch gives the same batches, so a resumed run can replay any epoch.
+    Process ``p`` of ``P`` reads only its fixed partition of the ids,
+    ``sharding.process_partition(num_train, p, P)``, in every epoch, in an order that is a
+    permutation of that partition fixed by ``(seed, epoch, p)`` (by ``(seed, epoch)`` when
+    ``P = 1``: then the partition is every id). The last ``partition size % batch_size``
+    ids of the permutation are dropped. Calling this again with the same arguments gives the
+    same batches, so a resumed run can replay any epoch, or continue it from ``start_batch``.
 
     Args:
       epoch: epoch number, counting from 1.
-      batch_size: examples per batch.
+      batch_size: examples per batch of this process (the global batch over ``P``).
+      start_batch: batches of the epoch to skip (already trained before a resume).
+      process_index: this process, in ``[0, process_count)``.
+      process_count: number of processes ``P`` feeding one global batch.
 
     Returns:
-      An iterator over ``num_train // batch_size`` dicts: ``'image'`` float32
-      [batch_size, H, W, C] normalised by the dataset's channel mean and std, ``'label'``
-      int32 [batch_size], ``'index'`` int32 [batch_size], each example's id.
+      An iterator over ``partition size // batch_size - start_batch`` dicts: ``'image'``
+      float32 [batch_size, H, W, C] normalised by the dataset's channel mean and std,
+      ``'label'`` int32 [batch_size], ``'index'`` int32 [batch_size], each example's id.
 
     Raises:
-      ValueError: if ``epoch < 1`` or ``batch_size`` is not in ``[1, num_train]``.
+      ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, partition size]`` or
+        ``start_batch`` is not in ``[0, batches per epoch]``.
     """
     if epoch < 1:
       raise ValueError(f'Epochs count from 1, got epoch={epoch}.')
-    if not 1 <= batch_size <= self.info.num_train:
+    first_id, num_ids = sharding.process_partition(
+      self.info.num_train, process_index, process_count
+    )
+    if not 1 <= batch_size <= num_ids:
       raise ValueError(
-        f'batch_size must be in [1, num_train={self.info.num_train}], got {batch_size}.'
+        f'batch_size must be in [1, {num_ids}] (the training examples of one of '
+        f'{process_count} processes), got {batch_size}.'
+      )
+    if not 0 <= start_batch <= num_ids // batch_size:
+      raise ValueError(
+        f'start_batch must be in [0, {num_ids // batch_size}] (batches per epoch), '
+        f'got {start_batch}.'
       )
     num_train = self.info.num_train
     height, width, _ = self.info.image_shape
     epoch_key = tf.constant([self.seed, epoch], dtype=tf.int64)
+    if process_count > 1:
+      epoch_key = tf.random.experimental.stateless_fold_in(epoch_key, process_index, alg='philox')
 
     def key(stream: int) -> tf.Tensor:
       return tf.random.experimental.stateless_fold_in(epoch_key, stream, alg='philox')
 
     ids = tf.random.experimental.stateless_shuffle(
-      tf.range(num_train, dtype=tf.int32), seed=key(_PERMUTATION_STREAM), alg='philox'
+      tf.range(first_id, first_id + num_ids, dtype=tf.int32),
+      seed=key(_PERMUTATION_STREAM),
+      alg='philox',
     )
     # Per-id augmentation tables, so an example's augmentation depends on (seed, epoch, id).
     flip_table = tf.zeros([num_train], dtype=tf.bool)
@@ -252,6 +282,7 @@ class Datasets:
         'index': batch_ids,
       }
 
+    ids = ids[start_batch * batch_size :]
     ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size, drop_remainder=True)
     return _numpy_batches(ds, make_batch)
 
@@ -302,17 +333,26 @@ class Datasets:
     ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size, drop_remainder=True)
     return _numpy_batches(ds, make_batch)
 
-  def test_batches(self, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates over the test split once, in order, without augmentation.
+  def test_batches(
+    self, *, batch_size: int, process_index: int = 0, process_count: int = 1
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates once, in order and without augmentation, over this process's test examples.
+
+    The test split is cut into ``process_count`` contiguous blocks whose sizes differ by at
+    most one; process ``p`` reads block ``p``. Every process yields the same number of
+    batches, ``ceil(ceil(num_test / P) / batch_size)``, padding its last ones, so that
+    together they form global batches that cover each test example exactly once.
 
     Args:
-      batch_size: examples per batch; the last batch is padded up to it.
+      batch_size: examples per batch of this process; the last batch is padded up to it.
+      process_index: this process, in ``[0, process_count)``.
+      process_count: number of processes ``P``.
 
     Returns:
-      An iterator over ``ceil(num_test / batch_size)`` dicts: ``'image'`` float32
-      [batch_size, H, W, C] normalised, ``'label'`` int32 [batch_size], ``'index'`` int32
-      [batch_size] (test ids), ``'mask'`` float32 [batch_size], 1 for real examples and 0
-      for padding. Padding rows have image 0, label 0 and index -1.
+      An iterator of dicts: ``'image'`` float32 [batch_size, H, W, C] normalised,
+      ``'label'`` int32 [batch_size], ``'index'`` int32 [batch_size] (test ids), ``'mask'``
+      float32 [batch_size], 1 for real examples and 0 for padding. Padding rows have image
+      0, label 0 and index -1.
 
     Raises:
       ValueError: if ``batch_size < 1``.
@@ -320,6 +360,11 @@ class Datasets:
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
     height, width, channels = self.info.image_shape
+    num_test = self.info.num_test
+    bounds = [num_test * p // process_count for p in range(process_count + 1)]
+    first, last = bounds[process_index], bounds[process_index + 1]
+    largest = -(-num_test // process_count)  # The biggest block.
+    num_batches = -(-largest // batch_size)
 
     def make_batch(batch_ids: tf.Tensor) -> dict[str, tf.Tensor]:
       num_real = tf.shape(batch_ids)[0]
@@ -334,8 +379,12 @@ class Datasets:
       batch['image'] = tf.ensure_shape(batch['image'], [batch_size, height, width, channels])
       return batch
 
-    ids = tf.range(self.info.num_test, dtype=tf.int32)
+    ids = tf.range(first, last, dtype=tf.int32)
     ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size)
+    missing = num_batches - (-(-(last - first) // batch_size))
+    if missing:  # Whole padding batches, so that every process yields as many batches.
+      empty = tf.data.Dataset.from_tensors(tf.zeros([0], tf.int32)).repeat(missing)
+      ds = ds.concatenate(empty)
     return _numpy_batches(ds, make_batch)
 
   def _normalise(self, images: tf.Tensor) -> tf.Tensor:

@@ -11,16 +11,94 @@ from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
 def create_mesh(num_devices: int = -1) -> Mesh:
-  """A 1-D mesh with axis 'data' over the first ``num_devices`` devices (-1 = all)."""
-  devices = jax.devices()
+  """A 1-D mesh with axis 'data' over the first ``num_devices`` devices (-1 = all).
+
+  Devices are ordered by process, so each process's devices hold one contiguous block of
+  the global batch: the rows of that process's local batch, in order.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   if num_devices != -1:
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), ('data',))
+
+
+def state_shardings(abstract_state, mesh: Mesh, rule: str = 'replicated'):
+  """The sharding of every leaf of the train state, by ``config.mesh.param_sharding``.
+
+  Args:
+    abstract_state: a pytree of arrays or ``jax.ShapeDtypeStruct``.
+    mesh: the device mesh.
+    rule: 'replicated' (data parallel: every device holds params, opt_state, EMA and
+      batch_stats). A rule that splits large leaves over an axis (FSDP) plugs in here.
+
+  Returns:
+    A pytree of ``NamedSharding`` matching ``abstract_state``.
+
+  Raises:
+    ValueError: for an unknown rule.
+  """
+  if rule != 'replicated':
+    raise ValueError(f"config.mesh.param_sharding must be 'replicated', got {rule!r}.")
+  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Places this process's rows of a batch on the mesh, as one global array per key.
+
+  With one process this is ``jax.device_put``. With ``P`` processes each passes its local
+  batch (``global batch / P`` rows); the global batch is the processes' local batches in
+  process order (``jax.make_array_from_process_local_data``).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def local_rows(x: jax.Array) -> jax.Array:
+  """This process's rows of a global array split over 'data' (no communication).
+
+  The inverse of :func:`to_global` for one array: ``[global rows / P, ...]`` on this
+  process's devices. With one process, ``x`` itself.
+  """
+  if x.is_fully_addressable:
+    return x
+  return multihost_utils.global_array_to_host_local_array(x, x.sharding.mesh, x.sharding.spec)
+
+
+def process_partition(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """The fixed block of training example ids that one process reads in every epoch.
+
+  With ``P`` processes, process ``p`` owns ids ``[p * n, (p + 1) * n)`` with
+  ``n = num_examples // P``; the last ``num_examples % P`` ids (fewer than ``P``) are
+  never read. Because the block never changes, the process that writes an example's row of
+  SAF's logit table is the one that reads it back ``E_tilde`` epochs later, so each
+  process's host-side table is exact and holds ``n`` rows (``saf_jax.logit_table``).
+
+  Args:
+    num_examples: training examples in the dataset.
+    process_index: ``p`` in ``[0, P)``.
+    process_count: ``P >= 1``.
+
+  Returns:
+    ``(first_id, num_ids)``.
+
+  Raises:
+    ValueError: if ``p`` is out of range or a block would be empty.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}.')
+  num_ids = num_examples // process_count
+  if num_ids < 1:
+    raise ValueError(
+      f'{num_examples} training examples cannot be split over {process_count} processes.'
+    )
+  return process_index * num_ids, num_ids
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -41,12 +119,13 @@ def prefetch_to_device(
   frees, i.e. while earlier steps run asynchronously on the device.
 
   Yields:
-    ``(host_batch, device_batch)``: the numpy batch (for host-side bookkeeping such as
-    SAF's example ids, without a device-to-host copy) and its sharded device copy.
+    ``(host_batch, device_batch)``: this process's numpy batch (for host-side bookkeeping
+    such as SAF's example ids, without a device-to-host copy) and the global batch on the
+    mesh (:func:`to_global`).
   """
   queue = collections.deque()
   for batch in batches:
-    queue.append((batch, jax.device_put(batch, sharding)))
+    queue.append((batch, to_global(batch, sharding)))
     if len(queue) >= size:
       yield queue.popleft()
   while queue:

@@ -11,6 +11,8 @@ import functools
 import itertools
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from saf_jax import (
@@ -139,10 +142,14 @@ def _with_targets(
 
 
 def evaluate(eval_fn, params, batch_stats, batches, data_sharding) -> dict[str, float]:
-  """Top-1 accuracy and mean cross-entropy over every (unpadded) example of ``batches``."""
+  """Top-1 accuracy and mean cross-entropy over every (unpadded) example of ``batches``.
+
+  ``batches`` are this process's; with several processes they form global batches
+  (``sharding.to_global``) and the totals are over all processes' examples.
+  """
   totals = None
   for batch in batches:
-    out = eval_fn(params, batch_stats, jax.device_put(batch, data_sharding))
+    out = eval_fn(params, batch_stats, sharding.to_global(batch, data_sharding))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {
@@ -162,8 +169,8 @@ def _check_finite(step_metrics: list[dict[str, np.ndarray]], first_step: int) ->
 
 
 def _measure(fn, state: train_state.TrainState, data_sharding, batch: dict[str, np.ndarray]):
-  """``fn(params, batch_stats, batch)`` with the host ``batch`` placed on the mesh."""
-  return fn(state.params, state.batch_stats, jax.device_put(batch, data_sharding))
+  """``fn(params, batch_stats, batch)`` with this process's rows of ``batch`` on the mesh."""
+  return fn(state.params, state.batch_stats, sharding.to_global(batch, data_sharding))
 
 
 # Steps between a step's dispatch and the progress bar reading its loss.
@@ -183,7 +190,9 @@ class Experiment:
     info: the dataset's metadata (``num_train``, ``num_classes``, ``image_shape``, ...).
     model: the Flax module.
     tx: the base optimizer.
-    steps_per_epoch: full batches per epoch (``drop_remainder``).
+    steps_per_epoch: global batches per epoch: each of the ``P`` processes reads
+      ``num_train // P`` examples (``sharding.process_partition``) in local batches of
+      ``batch_size / P``, dropping the remainder.
     mesh: the device mesh, one axis 'data'.
     abstract_state: ``jax.ShapeDtypeStruct`` tree of the ``TrainState``, with shardings.
   """
@@ -228,9 +237,19 @@ class Experiment:
     """Algorithm 1, line 10: the trajectory loss is added in epochs ``> E_start``."""
     return self.trajectory is not None and epoch > self.config.method[self.trajectory].E_start
 
+  @property
+  def state_shardings(self):
+    """The train state's shardings (``config.mesh.param_sharding``; replicated)."""
+    return jax.tree.map(lambda x: x.sharding, self.abstract_state)
+
+  @property
+  def local_batch_size(self) -> int:
+    """Examples per step that this process reads: the global batch over processes."""
+    return self.config.input.batch_size // jax.process_count()
+
   def init_state(self) -> train_state.TrainState:
-    """The initial state, created already sharded (replicated) on the mesh."""
-    return jax.jit(self._init_fn, out_shardings=self.repl)(self._rng_init())
+    """The initial state, created already sharded on the mesh (never on one device first)."""
+    return jax.jit(self._init_fn, out_shardings=self.state_shardings)(self._rng_init())
 
   def _rng_init(self) -> jax.Array:
     return jax.random.fold_in(jax.random.key(self.config.seed), 0)
@@ -240,13 +259,34 @@ class Experiment:
       self.model, self.tx, rng=rng, image_shape=self.info.image_shape, method=self.method
     )
 
-  def new_table(self) -> logit_table.LogitTable | None:
-    """SAF's empty logit table (None for other methods)."""
+  def new_table(self, workdir: str | None = None) -> logit_table.LogitTable | None:
+    """This process's empty SAF logit table (None for other methods).
+
+    It holds the rows of this process's partition of the training set
+    (``sharding.process_partition``): exactly the examples this process reads every epoch.
+
+    Args:
+      workdir: where a memory-mapped table (``config.method.saf.table_memmap``) keeps its
+        files, under ``saf_table/process_<p>``; unused otherwise.
+    """
     if self.trajectory != 'saf':
       return None
     saf = self.config.method.saf
+    first_id, num_ids = sharding.process_partition(
+      self.info.num_train, jax.process_index(), jax.process_count()
+    )
+    memmap_dir = None
+    if saf.table_memmap:
+      memmap_dir = os.path.join(workdir, 'saf_table', f'process_{jax.process_index()}')
     return logit_table.LogitTable(
-      self.info.num_train, self.info.num_classes, E_tilde=saf.E_tilde, dtype=saf.table_dtype
+      num_ids,
+      self.info.num_classes,
+      E_tilde=saf.E_tilde,
+      dtype=saf.table_dtype,
+      first_id=first_id,
+      topk=saf.table_topk,
+      tau=saf.tau,
+      memmap_dir=memmap_dir,
     )
 
   def _batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
@@ -269,8 +309,8 @@ class Experiment:
   def compiled_step(self, active: bool, sam_step: bool | None = None):
     """The train step for epochs with (``active``) or without the trajectory loss.
 
-    Compiled ahead of time with explicit shardings (state replicated, batch split over
-    'data') and the old state donated. For LookSAM, ``sam_step`` picks the full SAM step
+    Compiled ahead of time with explicit shardings (state by ``state_shardings``, batch
+    split over 'data') and the old state donated. For LookSAM, ``sam_step`` picks the full SAM step
     (True) or the reuse step (False): two programs chosen on the host by step number
     (see ``transforms.looksam``).
     """
@@ -300,8 +340,8 @@ class Experiment:
       )
     jitted = jax.jit(
       step,
-      in_shardings=(self.repl, self.data),
-      out_shardings=(self.repl, self.repl, self.data),
+      in_shardings=(self.state_shardings, self.data),
+      out_shardings=(self.state_shardings, self.repl, self.data),
       donate_argnums=0,
     )
     self._compiled[key] = jitted.lower(self.abstract_state, self._batch_spec()).compile()
@@ -326,12 +366,17 @@ class Experiment:
     table: logit_table.LogitTable | None,
     num_steps: int | None = None,
     desc: str | None = None,
+    stop: Callable[[int], bool] | None = None,
   ) -> tuple[train_state.TrainState, list[dict[str, np.ndarray]], float]:
     """Runs up to ``num_steps`` steps of epoch ``epoch`` over ``host_batches``.
 
     For SAF each batch's targets are gathered from ``table`` when the prefetcher pulls
-    it (Algorithm 1, line 5) and the step's own logits are written back asynchronously
-    (line 4); the table is flushed before returning.
+    it (Algorithm 1, line 5) and the step's own logits (this process's rows) are written
+    back asynchronously (line 4); the table is flushed before returning.
+
+    ``stop(step)``, asked after each dispatched step with the number of steps taken,
+    ends the run early when it returns True (a preemption request); the steps run so far
+    are returned. ``host_batches`` are this process's local batches.
 
     Returns:
       ``(state, per-step metrics as numpy scalars, seconds)``, where the time runs from
@@ -354,13 +399,15 @@ class Experiment:
       batches = bar
     for i, (host_batch, batch) in enumerate(batches):
       state, step_out, logits = step_fns(first_step + i)(state, batch)
-      if table is not None:
-        table.write_async(host_batch['index'], logits, epoch=epoch)  # Algorithm 1, line 4.
+      if table is not None:  # Algorithm 1, line 4.
+        table.write_async(host_batch['index'], sharding.local_rows(logits), epoch=epoch)
       step_metrics.append(step_out)
       if bar is not None and (i + 1) % self.config.log_every_steps == 0 and i >= _LAG:
         # A loss from a few steps back is already computed: reading it does not stall
         # the device queue the way reading this step's loss would.
         bar.set_postfix(loss=f'{float(step_metrics[-1 - _LAG]["loss"]):.4f}')
+      if stop is not None and stop(first_step + i + 1):
+        break
     if bar is not None:
       bar.close()
     if table is not None:
@@ -381,10 +428,12 @@ def build_experiment(
     model: a Flax module to use instead of ``config.model`` (tests, custom models).
 
   Raises:
-    ValueError: if the batch size exceeds the number of training examples.
+    ValueError: if the batch size exceeds the number of training examples (of one
+      process's partition, with several processes).
   """
   batch_size = config.input.batch_size
-  steps_per_epoch = info.num_train // batch_size
+  num_processes = jax.process_count()
+  steps_per_epoch = (info.num_train // num_processes) // (batch_size // num_processes)
   if steps_per_epoch < 1:
     raise ValueError(
       f'config.input.batch_size must be <= the number of training examples '
@@ -407,35 +456,141 @@ def build_experiment(
     mesh=mesh,
     abstract_state=None,
   )
+  shapes = jax.eval_shape(exp._init_fn, exp._rng_init())
   exp.abstract_state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.repl),
-    jax.eval_shape(exp._init_fn, exp._rng_init()),
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    shapes,
+    sharding.state_shardings(shapes, mesh, config.mesh.param_sharding),
   )
   return exp
 
 
+class _Preemption:
+  """Turns SIGTERM into a request to save and stop after the current step.
+
+  With one process the request is this process's signal. With several, every process
+  must stop at the same step (saving is collective): JAX's preemption sync point, which
+  ``jax.distributed`` arms for SIGTERM, decides the step for all of them.
+  """
+
+  def __init__(self):
+    self.signal_received = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.signal_received = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signal_received
+    try:
+      self.signal_received = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # The preemption service is off: only SIGKILL-safe checkpoints.
+      self.signal_received = False
+    return self.signal_received
+
+
+@dataclasses.dataclass
+class _Position:
+  """Where training continues: ``batches_done`` batches of ``epoch`` are already trained.
+
+  ``metrics`` and ``seconds`` are those batches' per-step train metrics and time, saved in
+  a mid-epoch checkpoint so that the resumed epoch's record averages every step.
+  """
+
+  epoch: int = 1
+  batches_done: int = 0
+  metrics: list[dict[str, np.float32]] = dataclasses.field(default_factory=list)
+  seconds: float = 0.0
+
+  @classmethod
+  def after(cls, meta: dict[str, Any], steps_per_epoch: int) -> '_Position':
+    if meta['batches_done'] >= steps_per_epoch:
+      return cls(epoch=meta['epoch'] + 1)
+    metrics = [{k: np.float32(v) for k, v in m.items()} for m in meta['epoch_metrics']]
+    return cls(meta['epoch'], meta['batches_done'], metrics, meta['epoch_seconds'])
+
+
+def _meta(state, position: _Position, exp: Experiment) -> dict[str, Any]:
+  return {
+    'epoch': position.epoch,
+    'batches_done': position.batches_done,
+    'step': int(jax.device_get(state.step)),
+    'steps_per_epoch': exp.steps_per_epoch,
+    'num_devices': exp.mesh.size,
+    'num_processes': jax.process_count(),
+    # float32 metrics convert to Python floats exactly and back with np.float32.
+    'epoch_metrics': [{k: float(v) for k, v in m.items()} for m in position.metrics],
+    'epoch_seconds': position.seconds,
+  }
+
+
+def _check_resume(exp: Experiment, meta: dict[str, Any], workdir: str) -> None:
+  """Refuses to resume where the saved position or table does not carry over."""
+  if exp.per_device and meta['num_devices'] != exp.mesh.size:
+    # The per-device batch (SAM's m) and BatchNorm's shard statistics depend on it.
+    raise ValueError(
+      f'config.method.perturbation_scope is per_device, and the checkpoint in {workdir!r} '
+      f'was trained on {meta["num_devices"]} devices but this run has {exp.mesh.size}: set '
+      f'config.mesh.data={meta["num_devices"]} or use a new --workdir.'
+    )
+  saved_processes = meta.get('num_processes', 1)
+  if saved_processes != jax.process_count() and (
+    exp.trajectory == 'saf' or meta['batches_done'] < meta.get('steps_per_epoch', 0)
+  ):
+    # Both SAF's table rows and a mid-epoch data position belong to a process partition.
+    raise ValueError(
+      f'The checkpoint in {workdir!r} was saved by {saved_processes} processes, and its '
+      f'{"SAF table" if exp.trajectory == "saf" else "mid-epoch data position"} is '
+      f'partitioned over them; resume it with {saved_processes} processes (this run has '
+      f'{jax.process_count()}), or use a new --workdir.'
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config.method.name`` and evaluates it; resumes from ``workdir`` if possible.
+
+  Checkpoints (``saf_jax.checkpoint``) are saved after every
+  ``config.checkpoint.every_epochs`` epochs, every ``config.checkpoint.every_steps`` steps
+  (0 = never mid-epoch), after the last epoch, and when SIGTERM arrives (then training
+  stops after the current step, saves, and returns). A run restarted with the same
+  command continues from the latest checkpoint, mid-epoch included, and ends with the same
+  params and metrics as a run that never stopped.
 
   Args:
     config: see ``configs/default.py``.
     workdir: output directory: ``config.json``, ``metrics.jsonl``, ``checkpoints/``.
 
   Returns:
-    The last epoch's metrics record (also the last line of ``metrics.jsonl``).
+    The last epoch's metrics record (also the last line of ``metrics.jsonl``); empty if
+    every epoch was already done, ``{'preempted': step}`` if stopped by SIGTERM.
 
   Raises:
     ValueError: an invalid config field, or a workdir holding an incompatible run; raised
       before any compilation and before anything is written.
+    checkpoint.CheckpointError: the latest checkpoint's files are missing or damaged.
     DataNotFoundError: when the dataset is neither prepared nor obtainable.
-    FloatingPointError: on a non-finite loss or gradient (names the step).
+    FloatingPointError: on a non-finite loss or gradient (names the step); the last
+      checkpoint saved before it is kept as it was.
   """
   # Imported here so that the rest of this module (Experiment, run_steps) works without
   # TensorFlow, e.g. with another data loader or in `benchmark --synthetic`.
   from saf_jax import input_pipeline, validation
 
   wall_start = time.perf_counter()
-  validation.validate_config(config, num_devices=jax.device_count())
+  validation.validate_config(
+    config, num_devices=jax.device_count(), num_processes=jax.process_count()
+  )
   checkpoint.check_workdir(config, workdir)
   datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
   analysis = config.analysis
@@ -446,44 +601,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f'{max_batches}, got {analysis.sharpness_num_batches}.'
     )
   exp = build_experiment(config, datasets.info)
-  method = exp.method
-  os.makedirs(workdir, exist_ok=True)
+  topk = config.method.saf.table_topk
+  if exp.trajectory == 'saf' and topk >= datasets.info.num_classes:
+    raise ValueError(
+      f'config.method.saf.table_topk must be 0 (full logits) or in [1, '
+      f'{datasets.info.num_classes - 1}] for {datasets.info.num_classes} classes, got {topk}.'
+    )
+  method, spe = exp.method, exp.steps_per_epoch
+  processes = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
 
   batch_size = config.input.batch_size
-  table = exp.new_table()
-  if table is not None:
-    logging.info('SAF logit table: %.2f MiB on the host.', table.nbytes / 2**20)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep)
-  start_epoch = 1
-  latest = ckpt.latest_epoch()
+  ckpt = checkpoint.Checkpointer(
+    workdir, max_to_keep=config.checkpoint.max_to_keep, with_table=exp.trajectory == 'saf'
+  )
+  position = _Position()
+  latest = ckpt.latest_step()
   if latest is not None:
-    saved_devices = ckpt.meta(latest).get('num_devices')
-    if exp.per_device and saved_devices != exp.mesh.size:
-      # The per-device batch (SAM's m) and BatchNorm's shard statistics depend on it.
-      raise ValueError(
-        f'config.method.perturbation_scope is per_device, and the checkpoint in {workdir!r} '
-        f'was trained on {saved_devices} devices but this run has {exp.mesh.size}: set '
-        f'config.mesh.data={saved_devices} or use a new --workdir.'
-      )
-    checkpoint.write_config(config, workdir)
+    _check_resume(exp, ckpt.meta(latest), workdir)
+  table = exp.new_table(workdir)
+  if table is not None:
+    logging.info(
+      'SAF logit table of process %d: %d rows, %.2f MiB on the host.',
+      jax.process_index(),
+      table.num_examples,
+      table.nbytes / 2**20,
+    )
+  if latest is not None:
     state, table_arrays, meta = ckpt.restore(
       latest, exp.abstract_state, table.state_dict() if table else None
     )
     if table is not None:
       table.load_state_dict(table_arrays)
-    start_epoch = meta['epoch'] + 1
-    logging.info('Resumed after epoch %d (step %d).', meta['epoch'], meta['step'])
+    position = _Position.after(meta, spe)
+    logging.info(
+      'Resumed at step %d (epoch %d, batch %d).', meta['step'], meta['epoch'], meta['batches_done']
+    )
   else:
-    checkpoint.write_config(config, workdir)
     state = exp.init_state()
-  tensorboard = metrics.TensorBoardWriter(workdir, keep_epochs_up_to=start_epoch - 1)
-  writers = [metrics.JsonlWriter(workdir, keep_epochs_up_to=start_epoch - 1), tensorboard]
+  checkpoint.write_config(config, workdir)
+  done_epochs = position.epoch - 1
+  tensorboard = metrics.TensorBoardWriter(workdir, keep_epochs_up_to=done_epochs)
+  writers = [metrics.JsonlWriter(workdir, keep_epochs_up_to=done_epochs), tensorboard]
   if analysis.sharpness_every_epochs > 0:
     # Fig. 4b of Du et al. 2022: SAM's sharpness on fixed, unaugmented training batches.
     # Kept on the host and placed per measurement: no device memory held between epochs.
+    local = slice(
+      jax.process_index() * exp.local_batch_size, (jax.process_index() + 1) * exp.local_batch_size
+    )
     sharpness_batches = [
-      {k: b[k] for k in ('image', 'label')}
+      {k: b[k][local] for k in ('image', 'label')}
       for b in datasets.train_subset_batches(
         num_batches=analysis.sharpness_num_batches,
         batch_size=batch_size,
@@ -493,61 +660,106 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharpness_fn = sharpness.model_sam_sharpness_fn(exp.model, rho=analysis.rho)
 
   eval_fn = jax.jit(functools.partial(train_steps.eval_step, exp.model))
-  record: dict[str, Any] = {}
-  for epoch in range(start_epoch, config.num_epochs + 1):
-    active = exp.trajectory_active(epoch)
-    exp.step_for(epoch)  # Compile outside the timed loop.
-    state, step_metrics, seconds = exp.run_steps(
-      state,
-      datasets.train_epoch(epoch, batch_size=batch_size),
-      epoch=epoch,
-      table=table,
-      desc=f'{method} epoch {epoch}/{config.num_epochs}',
-    )
-    _check_finite(step_metrics, first_step=(epoch - 1) * exp.steps_per_epoch + 1)
+  every_steps = config.checkpoint.every_steps
 
-    record = {'epoch': epoch, 'step': int(jax.device_get(state.step))}
-    for key in step_metrics[0]:
-      record[f'train/{key}'] = float(np.mean([m[key] for m in step_metrics]))
-    record['train/trajectory_active'] = int(active)
-    record['train/images_per_sec'] = len(step_metrics) * batch_size / seconds
-    record['train/epoch_time_sec'] = seconds
-    last = epoch == config.num_epochs
-    if analysis.sharpness_every_epochs > 0 and (
-      last or epoch % analysis.sharpness_every_epochs == 0
-    ):
-      sharpness_start = time.perf_counter()
-      measured = sharpness.batch_mean(
-        functools.partial(_measure, sharpness_fn, state, exp.data), sharpness_batches
+  def save(position: _Position) -> None:
+    save_start = time.perf_counter()
+    step = int(jax.device_get(state.step))
+    ckpt.save(step, state, table.state_dict() if table else None, _meta(state, position, exp))
+    logging.info('Checkpoint at step %d: %.1f s.', step, time.perf_counter() - save_start)
+
+  record: dict[str, Any] = {}
+  with _Preemption() as preemption:
+    for epoch in range(position.epoch, config.num_epochs + 1):
+      if epoch != position.epoch:
+        position = _Position(epoch)
+      active = exp.trajectory_active(epoch)
+      exp.step_for(epoch)  # Compile outside the timed loop.
+      host_batches = datasets.train_epoch(
+        epoch, batch_size=exp.local_batch_size, start_batch=position.batches_done, **processes
       )
-      record['train/sam_sharpness'] = measured['sharpness']
-      record['sharpness_time_sec'] = time.perf_counter() - sharpness_start
-    eval_start = time.perf_counter()
-    if last or epoch % config.eval.every_epochs == 0:
-      weights = {'test': (state.params, state.batch_stats)}
-      if exp.trajectory == 'mesa':
-        weights['test_ema'] = (state.ema_params, state.ema_batch_stats)
-      for prefix, (params, batch_stats) in weights.items():
-        batches = datasets.test_batches(batch_size=config.input.eval_batch_size)
-        result = evaluate(eval_fn, params, batch_stats, batches, exp.data)
-        record.update({f'{prefix}/{k}': v for k, v in result.items()})
-    record['eval_time_sec'] = time.perf_counter() - eval_start
-    # Metrics first: a resumed run drops records past its checkpoint, never misses one.
-    for writer in writers:
-      writer.write(record)
-    if last or epoch % config.checkpoint.every_epochs == 0:
-      save_start = time.perf_counter()
-      ckpt.save(epoch, state, table.state_dict() if table else None, num_devices=exp.mesh.size)
-      logging.info('Checkpoint after epoch %d: %.1f s.', epoch, time.perf_counter() - save_start)
-    logging.info(
-      'epoch %d: %s',
-      epoch,
-      ', '.join(f'{k}={v:.4g}' for k, v in record.items() if isinstance(v, float)),
-    )
+      while position.batches_done < spe:
+        step = int(jax.device_get(state.step))
+        num_steps = spe - position.batches_done
+        if every_steps:
+          num_steps = min(num_steps, every_steps - step % every_steps)
+        state, step_metrics, seconds = exp.run_steps(
+          state,
+          host_batches,
+          epoch=epoch,
+          table=table,
+          num_steps=num_steps,
+          desc=f'{method} epoch {epoch}/{config.num_epochs}',
+          stop=preemption.requested,
+        )
+        _check_finite(step_metrics, first_step=step + 1)
+        position.metrics += step_metrics
+        position.batches_done += len(step_metrics)
+        position.seconds += seconds
+        if position.batches_done < spe and (
+          preemption.signal_received
+          or (every_steps and (step + len(step_metrics)) % every_steps == 0)
+        ):
+          save(position)
+        if preemption.signal_received:
+          break
+      if preemption.signal_received and position.batches_done < spe:
+        break
+
+      step_metrics = position.metrics
+      record = {'epoch': epoch, 'step': int(jax.device_get(state.step))}
+      for key in step_metrics[0]:
+        record[f'train/{key}'] = float(np.mean([m[key] for m in step_metrics]))
+      record['train/trajectory_active'] = int(active)
+      record['train/images_per_sec'] = len(step_metrics) * batch_size / position.seconds
+      record['train/epoch_time_sec'] = position.seconds
+      last = epoch == config.num_epochs
+      if analysis.sharpness_every_epochs > 0 and (
+        last or epoch % analysis.sharpness_every_epochs == 0
+      ):
+        sharpness_start = time.perf_counter()
+        measured = sharpness.batch_mean(
+          functools.partial(_measure, sharpness_fn, state, exp.data), sharpness_batches
+        )
+        record['train/sam_sharpness'] = measured['sharpness']
+        record['sharpness_time_sec'] = time.perf_counter() - sharpness_start
+      eval_start = time.perf_counter()
+      if last or epoch % config.eval.every_epochs == 0:
+        weights = {'test': (state.params, state.batch_stats)}
+        if exp.trajectory == 'mesa':
+          weights['test_ema'] = (state.ema_params, state.ema_batch_stats)
+        for prefix, (params, batch_stats) in weights.items():
+          batches = datasets.test_batches(
+            batch_size=config.input.eval_batch_size // jax.process_count(), **processes
+          )
+          result = evaluate(eval_fn, params, batch_stats, batches, exp.data)
+          record.update({f'{prefix}/{k}': v for k, v in result.items()})
+      record['eval_time_sec'] = time.perf_counter() - eval_start
+      # Metrics first: a resumed run drops records past its checkpoint, never misses one.
+      if jax.process_index() == 0:
+        for writer in writers:
+          writer.write(record)
+      if last or epoch % config.checkpoint.every_epochs == 0 or preemption.signal_received:
+        save(position)
+      logging.info(
+        'epoch %d: %s',
+        epoch,
+        ', '.join(f'{k}={v:.4g}' for k, v in record.items() if isinstance(v, float)),
+      )
+      if preemption.signal_received:
+        break
   ckpt.close()
   tensorboard.close()
 
   wall = time.perf_counter() - wall_start
+  if preemption.signal_received:
+    step = int(jax.device_get(state.step))
+    print(
+      f'method={method}: stopped by SIGTERM and saved at step {step} (epoch {position.epoch}, '
+      f'batch {position.batches_done} of {spe}); rerun the same command to continue.',
+      flush=True,
+    )
+    return {'preempted': step}
   if not record:
     print(f'method={method}: all {config.num_epochs} epochs were already done in {workdir}.')
     return record

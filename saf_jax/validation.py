@@ -12,6 +12,7 @@ OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
 TABLE_DTYPES = ('float32', 'bfloat16')
 PERTURBATION_SCOPES = ('global', 'per_device')
+PARAM_SHARDINGS = ('replicated',)
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -28,13 +29,19 @@ def _is_number(x) -> bool:
 
 
 def validate_config(
-  config: ml_collections.ConfigDict, *, num_devices: int, check_input: bool = True
+  config: ml_collections.ConfigDict,
+  *,
+  num_devices: int,
+  num_processes: int = 1,
+  check_input: bool = True,
 ) -> None:
   """Raises ``ValueError`` naming the first invalid field of ``config``.
 
   Args:
     config: the full training config (see ``configs/default.py``).
-    num_devices: devices available; ``config.mesh.data`` may use fewer.
+    num_devices: devices available (all processes'); ``config.mesh.data`` may use fewer
+      on one process, and must use all of them with several.
+    num_processes: JAX processes feeding one global batch (multi-host).
     check_input: whether to check ``input.dataset`` and ``input.augment`` against the
       TFDS pipeline (imports TensorFlow); False for ``benchmark --synthetic``.
 
@@ -47,14 +54,29 @@ def validate_config(
       family ``rho``/``eta``/``alpha < 0``, ``k < 1``, ``beta``/``gamma`` outside (0, 1],
       ``rho_min > rho_max`` or an unknown ASAM ``adaptive_params``; analysis fields
       out of range (``sharpness_every_epochs < 0``, ``rho <= 0``, more sharpness batches
-      than the training set holds).
+      than the training set holds); checkpoint periods (``every_steps < 0``); SAF's
+      ``table_topk`` outside [0, classes) is checked once the dataset is known; a mesh
+      that does not match the devices; an unknown ``mesh.param_sharding``.
   """
   mesh_data = config.mesh.data
+  if num_processes > 1:
+    _require(
+      mesh_data in (-1, num_devices),
+      'mesh.data',
+      mesh_data,
+      f'-1 or {num_devices} (every device of the {num_processes} processes)',
+    )
   _require(
     _is_int(mesh_data) and (mesh_data == -1 or 1 <= mesh_data <= num_devices),
     'mesh.data',
     mesh_data,
     f'-1 or an integer in [1, {num_devices}]',
+  )
+  _require(
+    config.mesh.param_sharding in PARAM_SHARDINGS,
+    'mesh.param_sharding',
+    config.mesh.param_sharding,
+    f'one of {list(PARAM_SHARDINGS)}',
   )
   if mesh_data != -1:
     num_devices = mesh_data  # The batch is split over the mesh, not all devices.
@@ -109,6 +131,12 @@ def validate_config(
       f'input.{field}',
       value,
       f'divisible by the number of devices ({num_devices})',
+    )
+    _require(
+      value % num_processes == 0,
+      f'input.{field}',
+      value,
+      f'divisible by the number of processes ({num_processes})',
     )
   for field in ('num_train_examples', 'num_test_examples'):
     value = config.input[field]
@@ -175,6 +203,18 @@ def validate_config(
       saf.table_dtype,
       f'one of {list(TABLE_DTYPES)}',
     )
+    _require(
+      _is_int(saf.table_topk) and saf.table_topk >= 0,
+      'method.saf.table_topk',
+      saf.table_topk,
+      'an integer >= 0 (0 = full logits; k = the k largest logits per example)',
+    )
+    _require(
+      isinstance(saf.table_memmap, bool),
+      'method.saf.table_memmap',
+      saf.table_memmap,
+      'True or False',
+    )
   if trajectory == 'mesa':
     beta = config.method.mesa.ema_decay
     _require(
@@ -240,6 +280,13 @@ def _validate_periods(config: ml_collections.ConfigDict) -> None:
     section, name = field.split('.')
     value = config[section][name]
     _require(_is_int(value) and value >= 1, field, value, 'an integer >= 1')
+  every_steps = config.checkpoint.every_steps
+  _require(
+    _is_int(every_steps) and every_steps >= 0,
+    'checkpoint.every_steps',
+    every_steps,
+    'an integer >= 0 (0 = only at epoch ends)',
+  )
 
 
 def _validate_analysis(config: ml_collections.ConfigDict) -> None:

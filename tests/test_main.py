@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from saf_jax import checkpoint
 from tests import conftest
 
 SMOKE_EPOCHS = 4  # configs/default.py:smoke: E_start = 1 and, for SAF, E_tilde = 2.
@@ -125,7 +126,9 @@ def test_resume_after_an_epoch_reproduces_the_run(smoke_runs, fashion_mnist_data
   import shutil
 
   shutil.copytree(workdir, resumed)
-  shutil.rmtree(resumed / 'checkpoints' / '4')
+  last = max(checkpoint.saved_steps(str(resumed)))  # Step 32: 4 epochs of 8 steps.
+  shutil.rmtree(resumed / 'checkpoints' / str(last))
+  shutil.rmtree(resumed / 'checkpoints_table' / 'process_0' / str(last))
   _main(str(resumed), 'method=saf,smoke', fashion_mnist_data_dir)
   again = _records(str(resumed))
   assert [r['epoch'] for r in again] == [1, 2, 3, 4]
