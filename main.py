@@ -28,7 +28,10 @@ def main(argv):
   import jax
 
   dist = FLAGS.config.distributed
-  if dist.enabled or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+  fields = (dist.coordinator_address, dist.num_processes, dist.process_id)
+  if (
+    dist.enabled or any(f is not None for f in fields) or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  ):
     # Cross-process collectives for the CPU backend (CPU-only clusters, the 2-process test);
     # accelerators use their own.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')

@@ -1,15 +1,16 @@
 """All Orbax calls: checkpoints of the train state, SAF's table and the data position.
 
 A workdir holds ``config.json`` (the run's config) and two kinds of checkpoint, both keyed
-by the global step and each committed atomically by Orbax (written to a temporary
-directory, then renamed):
+by the global step and each committed atomically (written to a temporary directory, then
+renamed):
 
-* ``checkpoints/<step>/``, written by all processes together: ``state`` (the whole
+* ``checkpoints/<step>/``, written by all processes together through one Orbax
+  ``CheckpointManager``: ``state`` (the whole
   ``TrainState``: step, params, batch_stats, opt_state, MESA's EMA params and stats) and
   ``meta`` (JSON: epoch, batches of that epoch done, step, device and process counts, and
   the per-step train metrics of an unfinished epoch).
-* ``checkpoints_table/process_<p>/<step>/``, SAF only, written by process ``p`` alone:
-  the rows of its partition of the logit table with their written-epoch bookkeeping.
+* ``checkpoints_table/process_<p>/<step>/``, SAF only, written by process ``p`` alone as
+  ``.npy`` files: the rows of its partition of the logit table with their written epochs.
 
 The table is saved before the state, so a step with a ``state`` has every process's table
 too; :meth:`Checkpointer.latest_step` returns the newest step that is complete for every
@@ -61,8 +62,12 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+# Training fields added after the first release, with the value that older runs had.
+_ADDED_FIELDS = {'method.saf.table_topk': 0}
+
+
 def _trajectory_fields(config_dict: dict) -> dict[str, Any]:
-  flat = _flatten(config_dict)
+  flat = {**_ADDED_FIELDS, **_flatten(config_dict)}
   return {
     k: v for k, v in flat.items() if not any(k == f or k.startswith(f + '.') for f in _RESUME_FREE)
   }
@@ -168,7 +173,7 @@ def _manager(directory: str, max_to_keep: int | None, **options) -> ocp.Checkpoi
 
 
 class Checkpointer:
-  """The Orbax managers of one workdir: the train state, and this process's SAF table.
+  """The checkpoints of one workdir: the train state (Orbax), and this process's SAF table.
 
   Attributes:
     workdir: the run's directory.
@@ -183,8 +188,15 @@ class Checkpointer:
       with_table: whether this run has a SAF table (then each process keeps its own).
     """
     self.workdir = workdir
-    self._state = _manager(os.path.join(workdir, 'checkpoints'), max_to_keep)
+    # Incomplete saves (a kill mid-save) leave temporary directories: removed at start.
+    self._state = _manager(
+      os.path.join(workdir, 'checkpoints'), max_to_keep, cleanup_tmp_directories=True
+    )
     self._table = _TableFiles(workdir) if with_table else None
+
+  def latest_state_step(self) -> int | None:
+    """The newest committed state checkpoint (shared by all processes), table or not."""
+    return self._state.latest_step()
 
   def latest_step(self) -> int | None:
     """The newest step whose state, and (SAF) every process's table, were committed."""
@@ -230,7 +242,12 @@ class Checkpointer:
     if table is not None:
       self._table.save(step, table)
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
-    self._state.save(step, args=ocp.args.Composite(**items))
+    if not self._state.save(step, args=ocp.args.Composite(**items)):
+      raise CheckpointError(
+        f'Orbax declined to save step {step} in {self.workdir!r}: it holds a checkpoint at '
+        f'step {self._state.latest_step()} or later (a table directory under '
+        'checkpoints_table/ was removed?); use a new --workdir.'
+      )
     self._state.wait_until_finished()
     if table is not None:
       self._table.keep_only(self._state.all_steps())
@@ -317,9 +334,13 @@ class _TableFiles:
   def save(self, step: int, arrays: dict[str, np.ndarray]) -> None:
     final = os.path.join(self.directory, str(step))
     tmp = f'{final}.tmp'
-    for path in (tmp, final):  # A final one is left by a run killed before its state landed.
-      if os.path.exists(path):
-        shutil.rmtree(path)
+    os.makedirs(self.directory, exist_ok=True)
+    stale = [os.path.join(self.directory, n) for n in os.listdir(self.directory)]
+    stale = [path for path in stale if path.endswith('.tmp')]  # Left by a kill mid-save.
+    if os.path.exists(final):  # Left by a run killed before its state checkpoint landed.
+      stale.append(final)
+    for path in stale:
+      shutil.rmtree(path)
     os.makedirs(tmp)
     for name, array in arrays.items():
       array = np.asarray(array)
@@ -345,7 +366,11 @@ class _TableFiles:
       )
     arrays = {}
     for name, like in abstract.items():
-      array = np.load(os.path.join(directory, f'{name}.npy'), mmap_mode='r')
+      path = os.path.join(directory, f'{name}.npy')
+      try:
+        array = np.load(path, mmap_mode='r')
+      except ValueError as e:  # A truncated file or header: damaged, not another layout.
+        raise OSError(f'{path} is damaged: {e}') from e
       want = np.dtype(like.dtype)
       if array.dtype == _NPY_VIEWS.get(want, want):
         array = array.view(want)

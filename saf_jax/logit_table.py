@@ -576,7 +576,9 @@ def topk_compression_error(
     loss is), ``max_row_abs_error`` (largest per-example absolute difference of the
     :math:`\\tau^2`-scaled KLs) and ``mean_kl_target`` (mean over rows of
     :math:`\\mathrm{KL}(p \\| \\hat p)` between the true and reconstructed softened
-    targets, nats, without :math:`\\tau^2`).
+    targets, nats, without :math:`\\tau^2`), and ``grad_rel_error``: the change of the
+    loss's gradient with respect to the student logits, :math:`\\tau (p - \\hat p)`, relative
+    to the gradient itself, :math:`\\tau (q - p)`, as a ratio of L1 norms summed over rows.
 
   Raises:
     ValueError: if the arrays are not both [N, K] with N >= 1, or on a ``k``, ``tau`` or
@@ -613,4 +615,9 @@ def topk_compression_error(
     'rel_error': rel_error,
     'max_row_abs_error': float(np.max(np.abs(rows_topk - rows_full))),
     'mean_kl_target': float(np.mean(_kl64(log_p_full, log_p_topk))),
+    # d(tau^2 KL(p || q))/dz = tau (q - p): the gradient changes by tau (p - p_topk).
+    'grad_rel_error': float(
+      np.sum(np.abs(np.exp(log_p_topk) - np.exp(log_p_full)))
+      / np.sum(np.abs(np.exp(log_q) - np.exp(log_p_full)))
+    ),
   }

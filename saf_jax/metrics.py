@@ -51,6 +51,9 @@ class JsonlWriter:
     with open(self.path, 'a') as f:
       f.write(json.dumps(clean) + '\n')
 
+  def close(self) -> None:
+    """Nothing to release: each record is appended and closed at once."""
+
 
 class TensorBoardWriter:
   """Writes each record's numeric values as TensorBoard scalars, at step ``record['epoch']``.

@@ -515,7 +515,8 @@ class _Position:
 
   @classmethod
   def after(cls, meta: dict[str, Any], steps_per_epoch: int) -> '_Position':
-    if meta['batches_done'] >= steps_per_epoch:
+    # Checkpoints of saf_jax before mid-epoch saves hold epoch ends only, without the field.
+    if meta.get('batches_done', steps_per_epoch) >= steps_per_epoch:
       return cls(epoch=meta['epoch'] + 1)
     metrics = [{k: np.float32(v) for k, v in m.items()} for m in meta['epoch_metrics']]
     return cls(meta['epoch'], meta['batches_done'], metrics, meta['epoch_seconds'])
@@ -546,7 +547,7 @@ def _check_resume(exp: Experiment, meta: dict[str, Any], workdir: str) -> None:
     )
   saved_processes = meta.get('num_processes', 1)
   if saved_processes != jax.process_count() and (
-    exp.trajectory == 'saf' or meta['batches_done'] < meta.get('steps_per_epoch', 0)
+    exp.trajectory == 'saf' or meta.get('batches_done', 0) < meta.get('steps_per_epoch', 0)
   ):
     # Both SAF's table rows and a mid-epoch data position belong to a process partition.
     raise ValueError(
@@ -616,10 +617,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir, max_to_keep=config.checkpoint.max_to_keep, with_table=exp.trajectory == 'saf'
   )
   position = _Position()
+  newest = ckpt.latest_state_step()
+  if newest is not None:  # Before any per-process lookup: every process refuses alike.
+    _check_resume(exp, ckpt.meta(newest), workdir)
   latest = ckpt.latest_step()
-  if latest is not None:
-    _check_resume(exp, ckpt.meta(latest), workdir)
-  table = exp.new_table(workdir)
+  table = exp.new_table(workdir)  # A memory-mapped table's files are scratch, refilled below.
   if table is not None:
     logging.info(
       'SAF logit table of process %d: %d rows, %.2f MiB on the host.',
@@ -635,14 +637,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       table.load_state_dict(table_arrays)
     position = _Position.after(meta, spe)
     logging.info(
-      'Resumed at step %d (epoch %d, batch %d).', meta['step'], meta['epoch'], meta['batches_done']
+      'Resumed at step %d (epoch %d, batch %d).',
+      meta['step'],
+      meta['epoch'],
+      meta.get('batches_done', spe),
     )
   else:
     state = exp.init_state()
-  checkpoint.write_config(config, workdir)
   done_epochs = position.epoch - 1
-  tensorboard = metrics.TensorBoardWriter(workdir, keep_epochs_up_to=done_epochs)
-  writers = [metrics.JsonlWriter(workdir, keep_epochs_up_to=done_epochs), tensorboard]
+  writers = []
+  if jax.process_index() == 0:  # One writer of the shared workdir's files.
+    checkpoint.write_config(config, workdir)
+    writers = [
+      metrics.JsonlWriter(workdir, keep_epochs_up_to=done_epochs),
+      metrics.TensorBoardWriter(workdir, keep_epochs_up_to=done_epochs),
+    ]
   if analysis.sharpness_every_epochs > 0:
     # Fig. 4b of Du et al. 2022: SAM's sharpness on fixed, unaugmented training batches.
     # Kept on the host and placed per measurement: no device memory held between epochs.
@@ -736,23 +745,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           record.update({f'{prefix}/{k}': v for k, v in result.items()})
       record['eval_time_sec'] = time.perf_counter() - eval_start
       # Metrics first: a resumed run drops records past its checkpoint, never misses one.
-      if jax.process_index() == 0:
-        for writer in writers:
-          writer.write(record)
-      if last or epoch % config.checkpoint.every_epochs == 0 or preemption.signal_received:
+      for writer in writers:
+        writer.write(record)
+      stopping = preemption.signal_received  # Read once: it may turn True at any moment.
+      if last or epoch % config.checkpoint.every_epochs == 0 or stopping:
         save(position)
       logging.info(
         'epoch %d: %s',
         epoch,
         ', '.join(f'{k}={v:.4g}' for k, v in record.items() if isinstance(v, float)),
       )
-      if preemption.signal_received:
+      if stopping and not last:
         break
   ckpt.close()
-  tensorboard.close()
+  for writer in writers:
+    writer.close()
 
   wall = time.perf_counter() - wall_start
-  if preemption.signal_received:
+  finished = position.epoch == config.num_epochs and position.batches_done == spe
+  if preemption.signal_received and not finished:
     step = int(jax.device_get(state.step))
     print(
       f'method={method}: stopped by SIGTERM and saved at step {step} (epoch {position.epoch}, '

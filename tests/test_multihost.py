@@ -9,6 +9,7 @@ tables of ``num_train / 2`` rows.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from configs import default
 from saf_jax import analyze, input_pipeline, logit_table, sharding, train
 from tests import conftest
-from tests.test_main import _records
+from tests.test_main import _main, _records
 
 NUM_TRAIN = 512  # configs/default.py:smoke; batch 64: 32 per process, 8 steps per epoch.
 EPOCHS = 4
@@ -139,3 +140,16 @@ def test_matches_a_single_process_replay_of_the_same_global_batches(
     jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True
   ):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-4)
+
+
+def test_saf_checkpoint_of_2_processes_is_refused_by_1(
+  two_process_run, fashion_mnist_data_dir, tmp_path
+):
+  """Its table rows are split over 2 processes: one process cannot take them over."""
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(two_process_run[0], workdir)
+  listing = sorted(os.walk(workdir))
+  proc = _main(workdir, 'method=saf,smoke', fashion_mnist_data_dir, *OVERRIDES, check=False)
+  assert proc.returncode != 0
+  assert 'was saved by 2 processes, and its SAF table is partitioned over them' in proc.stderr
+  assert sorted(os.walk(workdir)) == listing

@@ -186,16 +186,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fashion_mnist_data_di
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state['params']))
 
 
+@pytest.mark.parametrize(
+  'method, damaged',
+  [('mesa', 'checkpoints/{step}/state/manifest.ocdbt'), ('saf', 'table')],
+)
 def test_damaged_checkpoint_is_refused_and_nothing_changes(
-  reference_runs, fashion_mnist_data_dir, tmp_path
+  reference_runs, fashion_mnist_data_dir, tmp_path, method, damaged
 ):
   workdir = str(tmp_path / 'damaged')
-  shutil.copytree(reference_runs['mesa'], workdir)
+  shutil.copytree(reference_runs[method], workdir)
   latest = max(checkpoint.saved_steps(workdir))
-  os.remove(os.path.join(workdir, 'checkpoints', str(latest), 'state', 'manifest.ocdbt'))
+  if damaged == 'table':  # A table file cut short, as by a full disk.
+    path = os.path.join(workdir, 'checkpoints_table', 'process_0', str(latest), 'values.npy')
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(os.path.join(workdir, damaged.format(step=latest)))
   listing = sorted(os.walk(workdir))
-  proc = _main(workdir, 'method=mesa,smoke', fashion_mnist_data_dir, *RUN, check=False)
+  proc = _main(workdir, f'method={method},smoke', fashion_mnist_data_dir, *RUN, check=False)
   assert proc.returncode != 0
-  assert f'The checkpoint of step {latest} in' in proc.stderr
+  assert f'CheckpointError: The checkpoint of step {latest} in' in proc.stderr
   assert 'cannot be read' in proc.stderr
   assert sorted(os.walk(workdir)) == listing

@@ -1,5 +1,7 @@
 """Bad configs fail with an error naming the field and the allowed values."""
 
+import json
+
 import ml_collections
 import pytest
 
@@ -130,6 +132,20 @@ def test_incompatible_workdir_is_refused(tmp_path):
   same = default.get_config('method=saf,smoke')
   same.eval.every_epochs = 2
   checkpoint.check_workdir(same, str(tmp_path))
+
+
+def test_workdir_of_a_release_without_newer_fields_is_accepted(tmp_path):
+  """A config.json written before method.saf.table_topk existed resumes as table_topk=0."""
+  config = default.get_config('method=saf,smoke')
+  checkpoint.write_config(config, str(tmp_path))
+  path = tmp_path / 'config.json'
+  old = json.loads(path.read_text())
+  del old['method']['saf']['table_topk']
+  path.write_text(json.dumps(old))
+  checkpoint.check_workdir(config, str(tmp_path))
+  config.method.saf.table_topk = 3
+  with pytest.raises(ValueError, match='method.saf.table_topk: workdir has 0, config has 3'):
+    checkpoint.check_workdir(config, str(tmp_path))
 
 
 def _smoke_config_with_analysis(**fields):

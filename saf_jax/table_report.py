@@ -1,0 +1,151 @@
+r"""SAF's logit-table memory per layout, and the top-k storage error on a run's real logits.
+
+Two reports:
+
+* **Bytes.** ``table_nbytes`` for ImageNet-1k (1,281,167 training images, 1000 classes)
+  with :math:`\tilde E = 3`, the setting of Table 2 of Du et al. 2022 (14,643 MB for the
+  official code), in float32, bfloat16 and top-k, in total and per process when ``P``
+  processes share the table (each holds ``N / P`` rows, ``sharding.process_partition``).
+* **Error.** With ``--workdir`` of a SAF run, its last saved table holds real training
+  logits of two epochs. The older epoch's logits are the targets and the newer epoch's the
+  student, and ``topk_compression_error`` gives how far the trajectory loss (Eq. 9) of
+  top-k targets is from that of the full ones, for each ``--k``.
+
+Run::
+
+  python -m saf_jax.table_report --workdir runs/default --k 1,2,3,5
+"""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+from absl import app, flags
+
+from saf_jax import checkpoint, logit_table
+
+IMAGENET_TRAIN = 1_281_167
+IMAGENET_CLASSES = 1000
+PAPER_IMAGENET_MB = 14_643  # Table 2 of Du et al. 2022: the official code's table.
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'A SAF run whose saved table to measure the error on.')
+  flags.DEFINE_list('k', ['1', '2', '3', '5'], 'Logits kept per example for the error.')
+  flags.DEFINE_integer('topk', 10, 'k of the top-k row of the ImageNet bytes table.')
+  flags.DEFINE_integer('E_tilde', 3, 'E_tilde of the ImageNet bytes table.')
+  flags.DEFINE_integer('processes', 8, 'Processes sharing the ImageNet table (per-process bytes).')
+
+
+def imagenet_bytes(*, E_tilde: int, topk: int, processes: int) -> list[dict]:
+  """Rows ``{'layout', 'bytes', 'bytes_per_process'}`` for ImageNet-1k.
+
+  Raises:
+    ValueError: if ``processes < 1`` or ``topk`` is not in [1, 1000).
+  """
+  rows = []
+  per_process = IMAGENET_TRAIN // processes  # sharding.process_partition's block.
+  for name, dtype, k in (
+    ('float32', 'float32', 0),
+    ('bfloat16', 'bfloat16', 0),
+    (f'top-{topk} (float32 values)', 'float32', topk),
+    (f'top-{topk} (bfloat16 values)', 'bfloat16', topk),
+  ):
+
+    def size(n, dtype=dtype, k=k):
+      return logit_table.table_nbytes(n, IMAGENET_CLASSES, E_tilde=E_tilde, dtype=dtype, topk=k)
+
+    rows.append(
+      {'layout': name, 'bytes': size(IMAGENET_TRAIN), 'bytes_per_process': size(per_process)}
+    )
+  return rows
+
+
+def run_error(workdir: str, ks: list[int]) -> dict:
+  """The top-k error on the last table saved by process 0 of the SAF run in ``workdir``.
+
+  Returns:
+    ``{'target_epoch', 'student_epoch', 'num_examples', 'tau', 'errors': {k: dict}}``.
+
+  Raises:
+    ValueError: if the run has no saved full-logit SAF table with two written epochs.
+  """
+  with open(checkpoint.config_path(workdir)) as f:
+    config = json.load(f)
+  directory = os.path.join(workdir, 'checkpoints_table', 'process_0')
+  steps = (
+    sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(directory) else []
+  )
+  if not steps:
+    raise ValueError(f'{workdir!r} has no SAF table under checkpoints_table/process_0.')
+  saved = os.path.join(directory, str(steps[-1]))
+  if not os.path.exists(os.path.join(saved, 'values.npy')):
+    raise ValueError(f'The table in {saved!r} is not stored as full logits (table_topk > 0).')
+  values = np.load(os.path.join(saved, 'values.npy'))
+  written = np.load(os.path.join(saved, 'written_epoch.npy'))
+  epochs = sorted({int(e) for e in np.unique(written) if e > 0})
+  if len(epochs) < 2:
+    raise ValueError(f'The table in {saved!r} holds fewer than two written epochs.')
+  old, new = epochs[-2], epochs[-1]
+  old_slot, new_slot = old % written.shape[0], new % written.shape[0]
+  rows = (written[old_slot] == old) & (written[new_slot] == new)
+  if config['method']['saf'].get('table_dtype') == 'bfloat16':  # Saved as its bit pattern.
+    values = values.view(ml_dtypes.bfloat16)
+  targets = values[old_slot, rows].astype(np.float32)
+  student = values[new_slot, rows].astype(np.float32)
+  tau = config['method']['saf']['tau']
+  errors = {k: logit_table.topk_compression_error(targets, student, k=k, tau=tau) for k in ks}
+  return {
+    'target_epoch': old,
+    'student_epoch': new,
+    'num_examples': int(rows.sum()),
+    'tau': tau,
+    'errors': errors,
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    ks = [int(k) for k in FLAGS.k]
+  except ValueError as e:
+    raise app.UsageError(f'--k must be a list of integers, got {FLAGS.k}.') from e
+  if FLAGS.processes < 1:
+    raise app.UsageError(f'--processes must be >= 1, got {FLAGS.processes}.')
+  print(
+    f'ImageNet-1k SAF table, E_tilde={FLAGS.E_tilde}, {IMAGENET_TRAIN} images, '
+    f'{IMAGENET_CLASSES} classes (official code: {PAPER_IMAGENET_MB} MB, Table 2):'
+  )
+  print(f'  {"layout":<28} {"MB":>10} {"MiB":>10} {f"MB/process (P={FLAGS.processes})":>22}')
+  for row in imagenet_bytes(E_tilde=FLAGS.E_tilde, topk=FLAGS.topk, processes=FLAGS.processes):
+    print(
+      f'  {row["layout"]:<28} {row["bytes"] / 1e6:>10.1f} {row["bytes"] / 2**20:>10.1f} '
+      f'{row["bytes_per_process"] / 1e6:>22.1f}'
+    )
+  if FLAGS.workdir is None:
+    return
+  report = run_error(FLAGS.workdir, ks)
+  print(
+    f'Top-k error on {report["num_examples"]} real training logits of {FLAGS.workdir} '
+    f'(targets: epoch {report["target_epoch"]}, student: epoch {report["student_epoch"]}, '
+    f'tau={report["tau"]}):'
+  )
+  print(
+    f'  {"k":>3} {"L_tra full":>11} {"L_tra top-k":>12} {"abs err":>10} {"rel err":>9} '
+    f'{"max row err":>12} {"KL(p||p_k)":>11}'
+  )
+  for k, e in report['errors'].items():
+    print(
+      f'  {k:>3} {e["trajectory_loss_full"]:>11.5f} {e["trajectory_loss_topk"]:>12.5f} '
+      f'{e["abs_error"]:>10.2e} {e["rel_error"]:>9.2%} {e["max_row_abs_error"]:>12.2e} '
+      f'{e["mean_kl_target"]:>11.2e} {e["grad_rel_error"]:>13.2%}'
+    )
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
