@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method.saf.tau = 5.0  # Temperature of the trajectory loss.
   config.method.saf.E_start = 2  # Trajectory loss added in epochs > E_start.
   config.method.saf.E_tilde = 2  # Targets are the logits from E_tilde epochs ago.
-  config.method.saf.table_dtype = 'float32'  # 'float32' | 'bfloat16'.
+  config.method.saf.table_dtype = 'float32'  # 'float32' | 'bfloat16' | 'int8' (per-row affine).
   # 0: store all logits; k >= 1: only the k largest per example, plus the tail's mass at
   # temperature tau (saf_jax.logit_table; for many classes, e.g. ImageNet's 1000).
   config.method.saf.table_topk = 0

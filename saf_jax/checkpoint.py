@@ -26,6 +26,7 @@ trajectory, so another run's checkpoint is never resumed or overwritten by mista
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -156,6 +157,9 @@ class CheckpointError(ValueError):
   """A checkpoint that exists but cannot be read (incomplete or corrupt files)."""
 
 
+# Seconds to wait after a failed read for Orbax's other reads to end (see restore).
+_SETTLE_SECONDS = 1.0
+
 # Words in Orbax/TensorStore errors about missing or damaged files (not a tree mismatch).
 _DAMAGED = ('NOT_FOUND', 'DATA_LOSS', 'not found', 'No such file', 'corrupt', 'Unable to ')
 
@@ -179,18 +183,29 @@ class Checkpointer:
     workdir: the run's directory.
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int, with_table: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    max_to_keep: int,
+    with_table: bool = False,
+    remove_unfinished: bool = False,
+  ):
     """Opens (creating if needed) the checkpoint directories of ``workdir``.
 
     Args:
       workdir: the run's directory.
       max_to_keep: checkpoints kept; older ones are deleted after each save.
       with_table: whether this run has a SAF table (then each process keeps its own).
+      remove_unfinished: delete the temporary directories of saves cut short by a kill
+        (for the training run itself; a reader such as ``analyze`` must not, since the
+        run may be saving at that moment).
     """
     self.workdir = workdir
-    # Incomplete saves (a kill mid-save) leave temporary directories: removed at start.
     self._state = _manager(
-      os.path.join(workdir, 'checkpoints'), max_to_keep, cleanup_tmp_directories=True
+      os.path.join(workdir, 'checkpoints'),
+      max_to_keep,
+      cleanup_tmp_directories=remove_unfinished,
     )
     self._table = _TableFiles(workdir) if with_table else None
 
@@ -293,6 +308,10 @@ class Checkpointer:
     except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
       if isinstance(e, (ValueError, TypeError, KeyError)) and not _looks_damaged(e):
         raise  # A structure or shape mismatch: the caller names the config.
+      # Orbax leaves the reads of the other arrays running when one fails; their threads
+      # then report a closed event loop. Let them finish, so that our error prints last
+      # and whole.
+      time.sleep(_SETTLE_SECONDS)
       raise self._unreadable(step, e) from e
     return restored.state, table, restored.meta
 
@@ -362,7 +381,7 @@ class _TableFiles:
     if saved != sorted(abstract):
       raise ValueError(
         f'The SAF table saved at step {step} has arrays {saved}; this run needs '
-        f'{sorted(abstract)} (another config.method.saf.table_topk).'
+        f'{sorted(abstract)} (another config.method.saf.table_topk or table_dtype).'
       )
     arrays = {}
     for name, like in abstract.items():

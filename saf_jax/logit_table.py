@@ -12,6 +12,23 @@ Full storage (``topk = 0``, the default) keeps every logit::
   values:        [E_tilde, num_examples, num_classes]   float32 or bfloat16
   written_epoch: [E_tilde, num_examples]  int32, NEVER_WRITTEN = never written
 
+With ``dtype = 'int8'`` each row is quantised to 8 bits by its own affine map::
+
+  values:        [E_tilde, num_examples, num_classes]   uint8 codes q in [0, 255]
+  row_min:       [E_tilde, num_examples]  float32, the row's smallest logit
+  row_scale:     [E_tilde, num_examples]  float32, (max - min) / 255; 0 for a constant row
+  written_epoch: [E_tilde, num_examples]  int32, as above
+
+written as :math:`q_j = \mathrm{round}((t_j - \min t) / s)` (0 where :math:`s = 0`) and read
+back as :math:`\hat t_j = q_j s + \min t` in float32, so :math:`|\hat t_j - t_j| \le s / 2`
+per logit (plus float32 rounding). The row's softened target then moves by little: with
+:math:`\delta = (\hat t - t)/\tau` inside an interval of width :math:`s / \tau`, Hoeffding's
+lemma gives :math:`\mathrm{KL}(p \| \hat p) = \log \mathbb{E}_p e^{\delta} -
+\mathbb{E}_p \delta \le s^2 / (8 \tau^2)`, and Pinsker's inequality bounds the change of
+the trajectory loss's gradient, :math:`\tau \|\hat p - p\|_1`, by :math:`s / 2`. A row
+holding a non-finite logit is stored as NaN (``row_min = row_scale = NaN``) and reads back
+as all NaN, as a float32 table would hand the non-finite value on to the loss.
+
 Top-k storage (``topk = k``, ``1 <= k < num_classes``) keeps, per row, the ``k`` largest
 logits, their class ids and the temperature-:math:`\tau` log-sum-exp of the other
 ``K - k`` logits (``K = num_classes``)::
@@ -43,7 +60,12 @@ reconstructed one by
 whose first term does not depend on the student, and their gradients with respect to the
 student's logits differ by :math:`\tau (\hat p - p)`, nonzero only on the tail classes
 and of L1 norm at most twice the tail mass. Both vanish when the target's tail is flat
-(and so for ``k = K - 1``); :func:`topk_compression_error` measures them on real logits.
+(and so for ``k = K - 1``). With ``dtype = 'int8'``, ``topk_values`` holds uint8 codes of
+the row's ``k`` kept logits, quantised as above with their own ``row_min`` and ``row_scale``
+(float32 [E_tilde, num_examples]); ``rest_lse`` stays float32, from the unquantised logits.
+
+:func:`storage_error` measures any layout's effect on the loss and its gradient on real
+logits (:func:`topk_compression_error` for top-k).
 
 In epoch ``e`` example ``i`` uses slot ``e % E_tilde``: its row is *read* (the logits
 written in epoch ``e - E_tilde``) before the same slot is *overwritten* with epoch ``e``'s
@@ -61,9 +83,10 @@ epoch, so that ``E_tilde = 1`` sees all of the previous epoch's writes.
 Memory: :func:`table_nbytes` gives a layout's exact size without building it. For
 ImageNet-1k (1,281,167 training examples, 1000 classes) with the paper's
 :math:`\tilde E = 3`: 15,389 MB (14,676 MiB) in float32, which matches the 14,643 MB of
-Table 2 of the paper if those are MiB; 7,702 MB in bfloat16; 261 MB with ``topk = 10``
-(float32 values, uint16 ids). With ``memmap_dir`` the arrays live in ``.npy`` files and
-the operating system pages them, for tables larger than RAM.
+Table 2 of the paper if those are MiB; 7,702 MB in bfloat16; 3,890 MB in int8; 261 MB
+with ``topk = 10`` (float32 values, uint16 ids), 177 MB with ``topk = 10`` in int8. With
+``memmap_dir`` the arrays live in ``.npy`` files and the operating system pages them, for
+tables larger than RAM.
 
 Wiring::
 
@@ -91,9 +114,15 @@ import numpy as np
 # Below any epoch - E_tilde: a never-written row is never valid (-1 would be at e = E_tilde - 1).
 NEVER_WRITTEN = np.iinfo(np.int32).min
 
-_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+# Storage dtype of the (kept) logits by config name; 'int8' stores uint8 codes (module docstring).
+_DTYPES = {
+  'float32': np.dtype(np.float32),
+  'bfloat16': np.dtype(ml_dtypes.bfloat16),
+  'int8': np.dtype(np.uint8),
+}
 _FULL_KEYS = ('values', 'written_epoch')
 _TOPK_KEYS = ('topk_values', 'topk_ids', 'rest_lse', 'written_epoch')
+_INT8_KEYS = ('row_min', 'row_scale')  # Added to either layout by dtype='int8'.
 
 
 def _check_layout(num_examples: int, num_classes: int, E_tilde: int, dtype: str, topk: int):
@@ -125,24 +154,29 @@ def _layout(
   """``{array name: (shape, dtype)}`` of a table; the order of :meth:`LogitTable.state_dict`."""
   rows = (E_tilde, num_examples)
   if not topk:
-    return {
-      'values': ((*rows, num_classes), _DTYPES[dtype]),
-      'written_epoch': (rows, np.dtype(np.int32)),
+    layout = {'values': ((*rows, num_classes), _DTYPES[dtype])}
+  else:
+    layout = {
+      'topk_values': ((*rows, topk), _DTYPES[dtype]),
+      'topk_ids': ((*rows, topk), _class_id_dtype(num_classes)),
     }
-  return {
-    'topk_values': ((*rows, topk), _DTYPES[dtype]),
-    'topk_ids': ((*rows, topk), _class_id_dtype(num_classes)),
-    'rest_lse': (rows, np.dtype(np.float32)),
-    'written_epoch': (rows, np.dtype(np.int32)),
-  }
+  if dtype == 'int8':
+    layout.update((name, (rows, np.dtype(np.float32))) for name in _INT8_KEYS)
+  if topk:
+    layout['rest_lse'] = (rows, np.dtype(np.float32))
+  layout['written_epoch'] = (rows, np.dtype(np.int32))
+  return layout
 
 
 def _layout_name(keys) -> str:
   keys = set(keys)
-  if keys == set(_FULL_KEYS):
-    return 'full logits'
-  if keys == set(_TOPK_KEYS):
-    return 'top-k logits'
+  int8 = set(_INT8_KEYS) <= keys
+  base = keys - set(_INT8_KEYS) if int8 else keys
+  suffix = ' (int8)' if int8 else ''
+  if base == set(_FULL_KEYS):
+    return f'full logits{suffix}'
+  if base == set(_TOPK_KEYS):
+    return f'top-k logits{suffix}'
   return 'an unknown layout'
 
 
@@ -152,15 +186,17 @@ def table_nbytes(
   """Bytes of a :class:`LogitTable`'s arrays, as its ``nbytes`` reports, without allocating.
 
   Full storage: :math:`\\tilde E \\cdot N \\cdot (K \\cdot s + 4)` with ``s`` the bytes of
-  ``dtype``; top-k: :math:`\\tilde E \\cdot N \\cdot (k \\cdot (s + s_{id}) + 4 + 4)` with
-  ``s_id`` 2 (uint16 class ids) or 4 (int32, above 65535 classes). The trailing 4 bytes
-  are ``written_epoch`` (int32) and, for top-k, ``rest_lse`` (float32).
+  ``dtype`` (4, 2, or 1 for int8); top-k: :math:`\\tilde E \\cdot N \\cdot (k \\cdot (s +
+  s_{id}) + 4 + 4)` with ``s_id`` 2 (uint16 class ids) or 4 (int32, above 65535 classes).
+  The trailing 4 bytes are ``written_epoch`` (int32) and, for top-k, ``rest_lse``
+  (float32); int8 adds 4 + 4 per row for ``row_min`` and ``row_scale`` (float32).
 
   Args:
     num_examples: rows per slot, > 0.
     num_classes: logits per example, > 0.
     E_tilde: :math:`\\tilde E \\ge 1`, the number of slots (Eq. 9 of Du et al. 2022).
-    dtype: 'float32' or 'bfloat16', the storage dtype of the (top-k) logits.
+    dtype: 'float32', 'bfloat16' or 'int8' (per-row affine uint8 codes), the storage dtype
+      of the (top-k) logits.
     topk: 0 for full storage, else the number of logits kept per row, in [1, num_classes).
 
   Returns:
@@ -205,6 +241,33 @@ def _reconstruct_topk(
   return targets
 
 
+def _quantise_int8(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-row affine 8-bit codes of float [B, n] logits (module docstring).
+
+  Returns:
+    ``(codes, row_min, row_scale)``: uint8 [B, n] in [0, 255], float32 [B] and float32 [B]
+    (``(max - min) / 255``, 0 for a constant row); NaN, NaN and codes 0 for a row with a
+    non-finite logit.
+  """
+  logits = np.asarray(logits, np.float32)
+  finite = np.isfinite(logits).all(axis=-1)  # [B]
+  safe = np.where(finite[:, None], logits, 0.0).astype(np.float64)  # Float32 values, exact.
+  lo = safe.min(axis=-1)  # [B]
+  row_min = np.where(finite, lo, np.nan).astype(np.float32)  # Exact: a float32 logit.
+  row_scale = np.where(finite, (safe.max(axis=-1) - lo) / 255.0, np.nan).astype(np.float32)
+  # Codes of the stored (float32) min and scale, so that |q s + min - t| <= s / 2 holds for
+  # the values read back, not only for the float64 ones.
+  scale = np.where(row_scale > 0, row_scale, 1.0).astype(np.float64)  # NaN > 0 is False.
+  codes = np.rint((safe - lo[:, None]) / scale[:, None])
+  codes[~(row_scale > 0)] = 0.0  # Constant (or non-finite) rows.
+  return np.clip(codes, 0, 255).astype(np.uint8), row_min, row_scale
+
+
+def _dequantise_int8(codes: np.ndarray, row_min: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
+  """Float32 [B, n] logits ``codes * row_scale + row_min`` of uint8 [B, n], float32 [B] x 2."""
+  return codes.astype(np.float32) * row_scale[:, None] + row_min[:, None]
+
+
 class LogitTable:
   """Host-side ring of past logits indexed by stable example id.
 
@@ -212,14 +275,14 @@ class LogitTable:
     num_examples: rows per slot; valid ids are [first_id, first_id + num_examples).
     num_classes: the width of the logits, K.
     E_tilde: number of epochs between writing a row and reading it back.
-    dtype: numpy storage dtype of the logits (float32 or bfloat16); targets are returned
-      as float32.
+    dtype: numpy storage dtype of the logits: float32, bfloat16, or uint8 (the codes of
+      ``'int8'`` storage); targets are returned as float32.
     first_id: the example id of row 0.
     topk: 0 (full logits stored) or the number k of logits kept per row.
     tau: the trajectory loss's temperature used by top-k storage; None for full storage.
     memmap_dir: the directory of the ``.npy`` files, or None (arrays in RAM).
-    values, written_epoch, topk_values, topk_ids, rest_lse: the arrays of the module
-      docstring (None where the layout has no such array).
+    values, written_epoch, topk_values, topk_ids, rest_lse, row_min, row_scale: the
+      arrays of the module docstring (None where the layout has no such array).
   """
 
   def __init__(
@@ -240,7 +303,10 @@ class LogitTable:
       num_examples: number of training examples (ids) this table holds, > 0.
       num_classes: number of logits per example, > 0.
       E_tilde: :math:`\\tilde E \\ge 1`, the look-back in epochs (Eq. 9).
-      dtype: storage dtype name, 'float32' (default) or 'bfloat16' (half the memory).
+      dtype: storage dtype name: 'float32' (default), 'bfloat16' (half the memory) or
+        'int8' (a quarter, plus 8 bytes per row): uint8 codes of a per-row affine map, read
+        back with an error of at most half the row's ``row_scale`` per logit (module
+        docstring). Applies to the kept logits with ``topk > 0``.
       first_id: the first example id held, >= 0: this process's partition is
         ``[first_id, first_id + num_examples)`` of the global ids.
       topk: 0 (default) stores every logit; ``k`` in ``[1, num_classes)`` stores the k
@@ -269,6 +335,7 @@ class LogitTable:
     self.num_classes = int(num_classes)
     self.E_tilde = int(E_tilde)
     self.dtype = _DTYPES[dtype]
+    self._int8 = dtype == 'int8'
     self.first_id = int(first_id)
     self.topk = int(topk)
     self.tau = float(tau) if topk else None
@@ -321,6 +388,14 @@ class LogitTable:
     return self._live().get('rest_lse')
 
   @property
+  def row_min(self) -> np.ndarray | None:
+    return self._live().get('row_min')
+
+  @property
+  def row_scale(self) -> np.ndarray | None:
+    return self._live().get('row_scale')
+
+  @property
   def nbytes(self) -> int:
     """Bytes of the table's arrays (in RAM, or on disk with ``memmap_dir``); see
     :func:`table_nbytes`."""
@@ -363,7 +438,7 @@ class LogitTable:
 
     With top-k storage the targets are reconstructed: the stored top-k logits, and
     :math:`\\tau (\\mathrm{rest\\_lse} - \\log(K - k))` on every other class (module
-    docstring).
+    docstring). With int8 storage the (kept) logits are ``codes * row_scale + row_min``.
 
     Args:
       ids: int [batch], global example ids in [first_id, first_id + num_examples), distinct.
@@ -382,23 +457,27 @@ class LogitTable:
     slot = self._slot(epoch)
     arrays = self._live()
     mask = arrays['written_epoch'][slot, rows] == epoch - self.E_tilde
+    kept = arrays['topk_values' if self.topk else 'values'][slot, rows]  # A copy.
+    if self._int8:
+      kept = _dequantise_int8(kept, arrays['row_min'][slot, rows], arrays['row_scale'][slot, rows])
     if self.topk:
       targets = _reconstruct_topk(
-        arrays['topk_values'][slot, rows],
+        kept,
         arrays['topk_ids'][slot, rows],
         arrays['rest_lse'][slot, rows],
         num_classes=self.num_classes,
         tau=self.tau,
       )
     else:
-      targets = arrays['values'][slot, rows].astype(np.float32)
+      targets = kept.astype(np.float32, copy=False)
     targets[~mask] = 0.0  # Never used: masked out of the loss.
     return targets, mask.astype(np.float32)
 
   def write(self, ids: np.ndarray, logits, *, epoch: int) -> None:
     """Records the training forward's logits for epoch ``epoch`` (Algorithm 1, line 4).
 
-    With top-k storage the logits are compressed here, on the host (module docstring).
+    With top-k or int8 storage the logits are compressed here, on the host (module
+    docstring).
 
     Args:
       ids: int [batch], global example ids in [first_id, first_id + num_examples), distinct.
@@ -414,13 +493,19 @@ class LogitTable:
     self._check_logits_shape(rows, logits)
     slot = self._slot(epoch)
     arrays = self._live()
+    kept = logits
     if self.topk:
-      top_values, top_ids, rest_lse = _compress_topk(logits, k=self.topk, tau=self.tau)
-      arrays['topk_values'][slot, rows] = top_values.astype(self.dtype)
+      kept, top_ids, rest_lse = _compress_topk(logits, k=self.topk, tau=self.tau)
       arrays['topk_ids'][slot, rows] = top_ids
       arrays['rest_lse'][slot, rows] = rest_lse
+    name = 'topk_values' if self.topk else 'values'
+    if self._int8:
+      codes, row_min, row_scale = _quantise_int8(kept)
+      arrays[name][slot, rows] = codes
+      arrays['row_min'][slot, rows] = row_min
+      arrays['row_scale'][slot, rows] = row_scale
     else:
-      arrays['values'][slot, rows] = logits.astype(self.dtype)
+      arrays[name][slot, rows] = kept.astype(self.dtype)
     arrays['written_epoch'][slot, rows] = epoch
 
   def write_async(self, ids: np.ndarray, logits: jax.Array, *, epoch: int) -> None:
@@ -489,9 +574,10 @@ class LogitTable:
 
     Returns:
       ``{'values', 'written_epoch'}`` (full storage) or ``{'topk_values', 'topk_ids',
-      'rest_lse', 'written_epoch'}`` (top-k), with the shapes and dtypes of the module
-      docstring: the table's own arrays (memmaps, synced to disk, with ``memmap_dir``), so
-      also a valid abstract target for restoring a checkpoint.
+      'rest_lse', 'written_epoch'}`` (top-k), plus ``'row_min'`` and ``'row_scale'`` with
+      ``dtype='int8'``, with the shapes and dtypes of the module docstring: the table's own
+      arrays (memmaps, synced to disk, with ``memmap_dir``), so also a valid abstract target
+      for restoring a checkpoint.
     """
     self.flush()
     self._sync_files()
@@ -501,12 +587,14 @@ class LogitTable:
     """Restores the arrays of :meth:`state_dict` into this table.
 
     Copies into the table's existing arrays (memory-mapped files stay memory-mapped); logits
-    are cast to this table's ``dtype``.
+    are cast to this table's ``dtype`` (float32 and bfloat16 convert into each other; int8
+    codes only load into an int8 table, whose keys differ).
 
     Raises:
-      ValueError: if the keys are another layout's (full vs top-k storage), if their
-        shapes are not this table's (another ``num_examples``, ``num_classes``, ``topk`` or
-        ``E_tilde``), or if stored class ids are not below ``num_classes``.
+      ValueError: if the keys are another layout's (full vs top-k storage, or int8 vs
+        float32/bfloat16), if their shapes are not this table's (another ``num_examples``,
+        ``num_classes``, ``topk`` or ``E_tilde``), if an int8 table's codes are not uint8,
+        or if stored class ids are not below ``num_classes``.
     """
     self.flush()
     own = self._live()
@@ -514,7 +602,7 @@ class LogitTable:
       raise ValueError(
         f'Restored SAF table has arrays {sorted(arrays)} ({_layout_name(arrays)}); this '
         f'table stores {_layout_name(own)} in {sorted(own)}: config.method.saf.table_topk '
-        'differs from the checkpoint.'
+        'or config.method.saf.table_dtype differs from the checkpoint.'
       )
     got = {name: tuple(np.shape(arrays[name])) for name in own}
     need = {name: own[name].shape for name in own}
@@ -522,6 +610,12 @@ class LogitTable:
       raise ValueError(
         f'Restored SAF table has shapes {got}; this run needs {need} (num_examples, '
         'num_classes, table_topk or E_tilde differ).'
+      )
+    name = 'topk_values' if self.topk else 'values'
+    if self._int8 and np.asarray(arrays[name]).dtype != np.uint8:
+      raise ValueError(
+        f'Restored SAF table has {name!r} of dtype {np.asarray(arrays[name]).dtype}; this '
+        'int8 table (config.method.saf.table_dtype) needs uint8 codes.'
       )
     if self.topk:
       ids = np.asarray(arrays['topk_ids'])
@@ -550,39 +644,42 @@ def _kl64(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     return np.sum(np.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
 
 
-def topk_compression_error(
-  target_logits, student_logits, *, k: int, tau: float, dtype: str = 'float32'
+def storage_error(
+  target_logits, student_logits, *, tau: float, dtype: str = 'float32', topk: int = 0
 ) -> dict[str, float]:
-  """How much top-k storage changes SAF's trajectory loss (Eq. 9) on given logits.
+  """How much a storage layout changes SAF's trajectory loss (Eq. 9) on given logits.
 
-  The targets go through a :class:`LogitTable` with ``topk=k`` (``write`` then ``gather``,
-  the path training takes); both losses are then computed in float64 NumPy as
-  ``saf_jax.losses.trajectory_loss`` defines them,
+  The targets go through a :class:`LogitTable` with this ``dtype`` and ``topk`` (``write``
+  then ``gather``, the path training takes); both losses are then computed in float64
+  NumPy as ``saf_jax.losses.trajectory_loss`` defines them,
   :math:`\\tau^2 \\cdot \\mathrm{mean}_i\\, \\mathrm{KL}(\\mathrm{softmax}(t_i/\\tau) \\|
-  \\mathrm{softmax}(z_i/\\tau))`. "Full" is the uncompressed targets as given, so with
-  ``dtype='bfloat16'`` the error also includes the rounding of the kept logits.
+  \\mathrm{softmax}(z_i/\\tau))`, once with the targets :math:`t` as given ("full") and
+  once with the stored ones :math:`\\hat t`. So ``dtype='float32', topk=0`` measures zero
+  error, and top-k with ``dtype='bfloat16'`` or ``'int8'`` includes the rounding of the kept
+  logits.
 
   Args:
-    target_logits: float [N, K], the stored logits :math:`t` (e.g. from a checkpoint).
+    target_logits: float [N, K], the logits :math:`t` to store (e.g. from a checkpoint).
     student_logits: float [N, K], the current logits :math:`z` of the same examples.
-    k: logits kept per row, in [1, K).
-    tau: :math:`\\tau > 0`, the temperature.
-    dtype: 'float32' or 'bfloat16', the storage dtype of the kept logits.
+    tau: :math:`\\tau > 0`, the temperature (``config.method.saf.tau``).
+    dtype: 'float32', 'bfloat16' or 'int8', the storage dtype of the (kept) logits.
+    topk: 0 (full storage) or the logits kept per row, in [1, K).
 
   Returns:
-    Floats: ``trajectory_loss_full`` and ``trajectory_loss_topk`` (nats, with the
+    Floats: ``trajectory_loss_full`` and ``trajectory_loss_stored`` (nats, with the
     :math:`\\tau^2` factor), ``abs_error`` (absolute difference of the two), ``rel_error``
     (``abs_error`` over ``trajectory_loss_full``; 0 if both are 0, inf if only the full
     loss is), ``max_row_abs_error`` (largest per-example absolute difference of the
-    :math:`\\tau^2`-scaled KLs) and ``mean_kl_target`` (mean over rows of
-    :math:`\\mathrm{KL}(p \\| \\hat p)` between the true and reconstructed softened
-    targets, nats, without :math:`\\tau^2`), and ``grad_rel_error``: the change of the
-    loss's gradient with respect to the student logits, :math:`\\tau (p - \\hat p)`, relative
-    to the gradient itself, :math:`\\tau (q - p)`, as a ratio of L1 norms summed over rows.
+    :math:`\\tau^2`-scaled KLs), ``mean_kl_target`` (mean over rows of
+    :math:`\\mathrm{KL}(p \\| \\hat p)` between the true and stored softened targets, nats,
+    without :math:`\\tau^2`), and ``grad_rel_error``: the change of the loss's gradient
+    with respect to the student logits, :math:`\\tau (p - \\hat p)`, relative to the
+    gradient itself, :math:`\\tau (q - p)`, as a ratio of L1 norms summed over rows (inf if
+    the student's softened prediction equals the target's everywhere but storage moved it).
 
   Raises:
-    ValueError: if the arrays are not both [N, K] with N >= 1, or on a ``k``, ``tau`` or
-      ``dtype`` that :class:`LogitTable` rejects.
+    ValueError: if the arrays are not both [N, K] with N >= 1, or on a ``dtype``, ``topk``
+      or ``tau`` that :class:`LogitTable` rejects.
   """
   full = np.asarray(target_logits, np.float64)
   student = np.asarray(student_logits, np.float64)
@@ -591,33 +688,65 @@ def topk_compression_error(
       f'target_logits and student_logits must both be [N, K] with N >= 1, got '
       f'{full.shape} and {student.shape}.'
     )
+  if tau is None or not tau > 0:
+    raise ValueError(f'tau must be > 0 (config.method.saf.tau), got {tau}.')
   num, num_classes = full.shape
-  table = LogitTable(num, num_classes, E_tilde=1, dtype=dtype, topk=k, tau=tau)
+  table = LogitTable(num, num_classes, E_tilde=1, dtype=dtype, topk=topk, tau=tau)
   ids = np.arange(num)
   table.write(ids, np.asarray(target_logits, np.float32), epoch=1)  # Logits arrive as float32.
-  reconstructed, _ = table.gather(ids, epoch=2)
+  stored, _ = table.gather(ids, epoch=2)
   table.close()
   log_q = _log_softmax64(student / tau)
   log_p_full = _log_softmax64(full / tau)
-  log_p_topk = _log_softmax64(reconstructed.astype(np.float64) / tau)
+  log_p_stored = _log_softmax64(stored.astype(np.float64) / tau)
   rows_full = tau**2 * _kl64(log_p_full, log_q)  # [N], as trajectory_loss per example.
-  rows_topk = tau**2 * _kl64(log_p_topk, log_q)
-  loss_full, loss_topk = float(np.mean(rows_full)), float(np.mean(rows_topk))
-  abs_error = abs(loss_topk - loss_full)
-  if loss_full:
-    rel_error = abs_error / abs(loss_full)
-  else:
-    rel_error = 0.0 if abs_error == 0 else float('inf')
+  rows_stored = tau**2 * _kl64(log_p_stored, log_q)
+  loss_full, loss_stored = float(np.mean(rows_full)), float(np.mean(rows_stored))
+  abs_error = abs(loss_stored - loss_full)
+  # d(tau^2 KL(p || q))/dz = tau (q - p): storage changes the gradient by tau (p - p_stored).
+  grad_change = float(np.sum(np.abs(np.exp(log_p_stored) - np.exp(log_p_full))))
+  grad = float(np.sum(np.abs(np.exp(log_q) - np.exp(log_p_full))))
   return {
     'trajectory_loss_full': loss_full,
-    'trajectory_loss_topk': loss_topk,
+    'trajectory_loss_stored': loss_stored,
     'abs_error': abs_error,
-    'rel_error': rel_error,
-    'max_row_abs_error': float(np.max(np.abs(rows_topk - rows_full))),
-    'mean_kl_target': float(np.mean(_kl64(log_p_full, log_p_topk))),
-    # d(tau^2 KL(p || q))/dz = tau (q - p): the gradient changes by tau (p - p_topk).
-    'grad_rel_error': float(
-      np.sum(np.abs(np.exp(log_p_topk) - np.exp(log_p_full)))
-      / np.sum(np.abs(np.exp(log_q) - np.exp(log_p_full)))
-    ),
+    'rel_error': _ratio(abs_error, abs(loss_full)),
+    'max_row_abs_error': float(np.max(np.abs(rows_stored - rows_full))),
+    'mean_kl_target': float(np.mean(_kl64(log_p_full, log_p_stored))),
+    'grad_rel_error': _ratio(grad_change, grad),
   }
+
+
+def _ratio(num: float, den: float) -> float:
+  """num / den, with 0 / 0 := 0 and x / 0 := inf."""
+  if den:
+    return num / den
+  return 0.0 if num == 0 else float('inf')
+
+
+def topk_compression_error(
+  target_logits, student_logits, *, k: int, tau: float, dtype: str = 'float32'
+) -> dict[str, float]:
+  """:func:`storage_error` of top-k storage, with the stored loss named ``trajectory_loss_topk``.
+
+  Args:
+    target_logits: float [N, K], the stored logits :math:`t` (e.g. from a checkpoint).
+    student_logits: float [N, K], the current logits :math:`z` of the same examples.
+    k: logits kept per row, in [1, K).
+    tau: :math:`\\tau > 0`, the temperature.
+    dtype: 'float32', 'bfloat16' or 'int8', the storage dtype of the kept logits.
+
+  Returns:
+    :func:`storage_error`'s floats, ``trajectory_loss_stored`` renamed
+    ``trajectory_loss_topk``.
+
+  Raises:
+    ValueError: as :func:`storage_error`, and for ``k < 1`` (that would be full storage).
+  """
+  if not k >= 1:
+    raise ValueError(
+      f'config.method.saf.table_topk must be an integer in [1, K) for top-k storage, got {k}.'
+    )
+  stats = storage_error(target_logits, student_logits, tau=tau, dtype=dtype, topk=k)
+  stats['trajectory_loss_topk'] = stats.pop('trajectory_loss_stored')
+  return stats

@@ -1,15 +1,16 @@
-r"""SAF's logit-table memory per layout, and the top-k storage error on a run's real logits.
+r"""SAF's logit-table memory per layout, and each layout's error on a run's real logits.
 
 Two reports:
 
 * **Bytes.** ``table_nbytes`` for ImageNet-1k (1,281,167 training images, 1000 classes)
   with :math:`\tilde E = 3`, the setting of Table 2 of Du et al. 2022 (14,643 MB for the
-  official code), in float32, bfloat16 and top-k, in total and per process when ``P``
+  official code), in float32, bfloat16, int8 and top-k, in total and per process when ``P``
   processes share the table (each holds ``N / P`` rows, ``sharding.process_partition``).
 * **Error.** With ``--workdir`` of a SAF run, its last saved table holds real training
   logits of two epochs. The older epoch's logits are the targets and the newer epoch's the
-  student, and ``topk_compression_error`` gives how far the trajectory loss (Eq. 9) of
-  top-k targets is from that of the full ones, for each ``--k``.
+  student, and ``logit_table.storage_error`` gives how far the trajectory loss (Eq. 9) and
+  its gradient move when the targets are stored in each full-storage ``--dtypes`` and as
+  top-k (float32 values) for each ``--k``, against the targets as saved.
 
 Run::
 
@@ -35,6 +36,7 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'A SAF run whose saved table to measure the error on.')
   flags.DEFINE_list('k', ['1', '2', '3', '5'], 'Logits kept per example for the error.')
+  flags.DEFINE_list('dtypes', ['float32', 'bfloat16', 'int8'], 'Full-storage dtypes for the error.')
   flags.DEFINE_integer('topk', 10, 'k of the top-k row of the ImageNet bytes table.')
   flags.DEFINE_integer('E_tilde', 3, 'E_tilde of the ImageNet bytes table.')
   flags.DEFINE_integer('processes', 8, 'Processes sharing the ImageNet table (per-process bytes).')
@@ -51,8 +53,10 @@ def imagenet_bytes(*, E_tilde: int, topk: int, processes: int) -> list[dict]:
   for name, dtype, k in (
     ('float32', 'float32', 0),
     ('bfloat16', 'bfloat16', 0),
+    ('int8', 'int8', 0),
     (f'top-{topk} (float32 values)', 'float32', topk),
     (f'top-{topk} (bfloat16 values)', 'bfloat16', topk),
+    (f'top-{topk} (int8 values)', 'int8', topk),
   ):
 
     def size(n, dtype=dtype, k=k):
@@ -64,14 +68,27 @@ def imagenet_bytes(*, E_tilde: int, topk: int, processes: int) -> list[dict]:
   return rows
 
 
-def run_error(workdir: str, ks: list[int]) -> dict:
-  """The top-k error on the last table saved by process 0 of the SAF run in ``workdir``.
+def run_error(
+  workdir: str, ks: list[int], dtypes: tuple[str, ...] = ('float32', 'bfloat16', 'int8')
+) -> dict:
+  """Each layout's error on the last table saved by process 0 of the SAF run in ``workdir``.
+
+  The saved table is read back as the run stored it (``config.method.saf.table_dtype``),
+  so those logits are the "full" targets every layout is measured against.
+
+  Args:
+    workdir: a SAF run's workdir, with ``config.json`` and ``checkpoints_table/``.
+    ks: top-k sizes to measure (float32 values), each in [1, num_classes).
+    dtypes: full-storage dtypes to measure, each 'float32', 'bfloat16' or 'int8'.
 
   Returns:
-    ``{'target_epoch', 'student_epoch', 'num_examples', 'tau', 'errors': {k: dict}}``.
+    ``{'target_epoch', 'student_epoch', 'num_examples', 'tau', 'table_dtype', 'errors'}``;
+    ``errors`` maps a layout name (each dtype, then ``'top-<k>'``) to
+    ``logit_table.storage_error``'s dict, in that order.
 
   Raises:
-    ValueError: if the run has no saved full-logit SAF table with two written epochs.
+    ValueError: if the run has no saved full-logit SAF table with two written epochs, or
+      on a ``k`` or dtype that ``logit_table.storage_error`` rejects.
   """
   with open(checkpoint.config_path(workdir)) as f:
     config = json.load(f)
@@ -84,25 +101,39 @@ def run_error(workdir: str, ks: list[int]) -> dict:
   saved = os.path.join(directory, str(steps[-1]))
   if not os.path.exists(os.path.join(saved, 'values.npy')):
     raise ValueError(f'The table in {saved!r} is not stored as full logits (table_topk > 0).')
-  values = np.load(os.path.join(saved, 'values.npy'))
-  written = np.load(os.path.join(saved, 'written_epoch.npy'))
+  arrays = {
+    name[: -len('.npy')]: np.load(os.path.join(saved, name))
+    for name in os.listdir(saved)
+    if name.endswith('.npy')
+  }
+  saf = config['method']['saf']
+  table_dtype = saf.get('table_dtype', 'float32')
+  if table_dtype == 'bfloat16':  # Saved as its bit pattern.
+    arrays['values'] = arrays['values'].view(ml_dtypes.bfloat16)
+  E_tilde, num, num_classes = arrays['values'].shape
+  table = logit_table.LogitTable(num, num_classes, E_tilde=E_tilde, dtype=table_dtype)
+  table.load_state_dict(arrays)
+  written = arrays['written_epoch']
   epochs = sorted({int(e) for e in np.unique(written) if e > 0})
   if len(epochs) < 2:
     raise ValueError(f'The table in {saved!r} holds fewer than two written epochs.')
   old, new = epochs[-2], epochs[-1]
-  old_slot, new_slot = old % written.shape[0], new % written.shape[0]
-  rows = (written[old_slot] == old) & (written[new_slot] == new)
-  if config['method']['saf'].get('table_dtype') == 'bfloat16':  # Saved as its bit pattern.
-    values = values.view(ml_dtypes.bfloat16)
-  targets = values[old_slot, rows].astype(np.float32)
-  student = values[new_slot, rows].astype(np.float32)
-  tau = config['method']['saf']['tau']
-  errors = {k: logit_table.topk_compression_error(targets, student, k=k, tau=tau) for k in ks}
+  ids = np.flatnonzero((written[old % E_tilde] == old) & (written[new % E_tilde] == new))
+  targets, _ = table.gather(ids, epoch=old + E_tilde)  # The rows written in epoch `old`.
+  student, _ = table.gather(ids, epoch=new + E_tilde)
+  table.close()
+  tau = saf['tau']
+  errors = {}
+  for dtype in dtypes:
+    errors[dtype] = logit_table.storage_error(targets, student, tau=tau, dtype=dtype)
+  for k in ks:
+    errors[f'top-{k}'] = logit_table.storage_error(targets, student, tau=tau, topk=k)
   return {
     'target_epoch': old,
     'student_epoch': new,
-    'num_examples': int(rows.sum()),
+    'num_examples': int(ids.size),
     'tau': tau,
+    'table_dtype': table_dtype,
     'errors': errors,
   }
 
@@ -128,21 +159,24 @@ def main(argv):
     )
   if FLAGS.workdir is None:
     return
-  report = run_error(FLAGS.workdir, ks)
+  report = run_error(FLAGS.workdir, ks, tuple(FLAGS.dtypes))
+  full = next(iter(report['errors'].values()))['trajectory_loss_full']
   print(
-    f'Top-k error on {report["num_examples"]} real training logits of {FLAGS.workdir} '
-    f'(targets: epoch {report["target_epoch"]}, student: epoch {report["student_epoch"]}, '
-    f'tau={report["tau"]}):'
+    f'\nStorage error on {report["num_examples"]} real training logits of {FLAGS.workdir}\n'
+    f'  (saved as {report["table_dtype"]}; targets: epoch {report["target_epoch"]}, '
+    f'student: epoch {report["student_epoch"]}; tau={report["tau"]}).\n'
+    f'  L_tra: trajectory loss (Eq. 9) with the stored targets; {full:.5f} with the saved ones.\n'
+    '  p, p^: softened saved and stored targets, q: softened student;\n'
+    "  grad rel err: |p^ - p|_1 / |q - p|_1, the gradient's change over the gradient."
   )
   print(
-    f'  {"k":>3} {"L_tra full":>11} {"L_tra top-k":>12} {"abs err":>10} {"rel err":>9} '
-    f'{"max row err":>12} {"KL(p||p_k)":>11}'
+    f'  {"storage":<8} {"L_tra":>9} {"abs err":>9} {"rel err":>9} {"KL(p||p^)":>10} '
+    f'{"grad rel err":>12}'
   )
-  for k, e in report['errors'].items():
+  for name, e in report['errors'].items():
     print(
-      f'  {k:>3} {e["trajectory_loss_full"]:>11.5f} {e["trajectory_loss_topk"]:>12.5f} '
-      f'{e["abs_error"]:>10.2e} {e["rel_error"]:>9.2%} {e["max_row_abs_error"]:>12.2e} '
-      f'{e["mean_kl_target"]:>11.2e} {e["grad_rel_error"]:>13.2%}'
+      f'  {name:<8} {e["trajectory_loss_stored"]:>9.5f} {e["abs_error"]:>9.2e} '
+      f'{e["rel_error"]:>9.2e} {e["mean_kl_target"]:>10.2e} {e["grad_rel_error"]:>12.2%}'
     )
 
 

@@ -614,7 +614,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   batch_size = config.input.batch_size
   ckpt = checkpoint.Checkpointer(
-    workdir, max_to_keep=config.checkpoint.max_to_keep, with_table=exp.trajectory == 'saf'
+    workdir,
+    max_to_keep=config.checkpoint.max_to_keep,
+    with_table=exp.trajectory == 'saf',
+    remove_unfinished=True,
   )
   position = _Position()
   newest = ckpt.latest_state_step()

@@ -10,7 +10,7 @@ from saf_jax import models, train_steps, transforms
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
-TABLE_DTYPES = ('float32', 'bfloat16')
+TABLE_DTYPES = ('float32', 'bfloat16', 'int8')
 PERTURBATION_SCOPES = ('global', 'per_device')
 PARAM_SHARDINGS = ('replicated',)
 

@@ -128,7 +128,7 @@ def test_async_write_checks_shape_at_once_and_reraises_background_errors():
 def test_bad_construction_raises():
   with pytest.raises(ValueError, match='E_tilde'):
     logit_table.LogitTable(10, 3, E_tilde=0)
-  with pytest.raises(ValueError, match='table_dtype'):
+  with pytest.raises(ValueError, match=r"table_dtype must be one of.*'int8'"):
     logit_table.LogitTable(10, 3, E_tilde=1, dtype='float16')
 
 
@@ -333,6 +333,10 @@ def test_topk_needs_a_positive_tau(tau):
     (7, 5, 2, 'float32', 2, 2 * (4 + 2) + 4 + 4),
     (7, 5, 2, 'bfloat16', 4, 4 * (2 + 2) + 4 + 4),
     (3, 70000, 1, 'bfloat16', 3, 3 * (2 + 4) + 4 + 4),
+    # int8: uint8 codes, plus float32 row_min and row_scale per row.
+    (7, 5, 2, 'int8', 0, 5 * 1 + 4 + 4 + 4),
+    (7, 5, 3, 'int8', 2, 2 * (1 + 2) + 4 + 4 + 4 + 4),
+    (3, 70000, 1, 'int8', 3, 3 * (1 + 4) + 4 + 4 + 4 + 4),
   ],
 )
 def test_nbytes_is_table_nbytes(num_examples, num_classes, E_tilde, dtype, topk, row_bytes):
@@ -352,10 +356,15 @@ def test_imagenet_table_nbytes():
   f32 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde)
   bf16 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde, dtype='bfloat16')
   top10 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde, topk=10)
+  int8 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde, dtype='int8')
+  int8_top10 = logit_table.table_nbytes(n, classes, E_tilde=e_tilde, dtype='int8', topk=10)
   assert f32 == 3 * n * 1000 * 4 + 3 * n * 4 == 15_389_378_004  # 15,389 MB, 14,676 MiB.
   assert bf16 == 3 * n * 1000 * 2 + 3 * n * 4 == 7_702_376_004  # 7,702 MB, 7,346 MiB.
   # 10 float32 logits + 10 uint16 ids + rest_lse + written_epoch = 68 bytes per row.
   assert top10 == 3 * n * (10 * 4 + 10 * 2 + 4 + 4) == 261_358_068  # 261 MB, 249 MiB.
+  # 1000 uint8 codes + row_min + row_scale + written_epoch = 1012 bytes per row.
+  assert int8 == 3 * n * (1000 + 4 + 4 + 4) == 3_889_623_012  # 3,890 MB, 3,709 MiB.
+  assert int8_top10 == 3 * n * (10 * 1 + 10 * 2 + 4 * 4) == 176_801_046  # 177 MB.
   # Table 2 of the paper: 14,643 MB for SAF on ImageNet; within 0.3 % if those are MiB.
   assert abs(f32 / 2**20 - 14_643) / 14_643 < 0.003
 
@@ -452,3 +461,168 @@ def test_layout_mismatch_raises():
   bad_ids = dict(topk.state_dict(), topk_ids=np.full((2, 5, 2), 4, np.uint16))
   with pytest.raises(ValueError, match='num_classes differ'):
     topk.load_state_dict(bad_ids)
+
+
+def _int8_round_trip(logits, **kwargs):
+  """(targets read back, row_min, row_scale) of float32 [N, K] logits through an int8 table."""
+  num, num_classes = logits.shape
+  table = logit_table.LogitTable(num, num_classes, E_tilde=1, dtype='int8', **kwargs)
+  table.write(np.arange(num), logits, epoch=1)
+  targets, mask = table.gather(np.arange(num), epoch=2)
+  assert mask.all() and targets.dtype == np.float32
+  return targets, table.row_min[0], table.row_scale[0], table
+
+
+@pytest.mark.parametrize('spread', [0.01, 3.0, 300.0])
+def test_int8_round_trip_error_is_at_most_half_the_row_scale(spread):
+  rng = np.random.default_rng(5)
+  logits = (spread * rng.normal(size=(64, 100)) + 7.0).astype(np.float32)
+  targets, row_min, row_scale, table = _int8_round_trip(logits)
+  assert table.values.dtype == np.uint8 and table.row_min.dtype == np.float32
+  np.testing.assert_array_equal(row_min, logits.min(-1))
+  want_scale = (logits.max(-1).astype(np.float64) - logits.min(-1)) / 255
+  np.testing.assert_allclose(row_scale, want_scale, rtol=1e-7)
+  codes = table.values[0]
+  assert (codes.min(-1) == 0).all() and (codes.max(-1) == 255).all()  # The full 8 bits.
+  np.testing.assert_array_equal(targets, codes * row_scale[:, None] + row_min[:, None])
+  error = np.abs(targets.astype(np.float64) - logits)  # [N, K]
+  # Half a step, plus the float32 rounding of codes * scale + min.
+  bound = row_scale[:, None] / 2 * (1 + 1e-6) + 2.5e-7 * np.abs(logits).max(-1, keepdims=True)
+  assert (error <= bound).all()
+  # Not exact: rounding to 256 levels errs by up to half a step, ~1/4 step on average.
+  ratio = error / row_scale[:, None]
+  assert ratio.max() > 0.45 and 0.2 < ratio.mean() < 0.3
+
+
+def test_int8_constant_and_non_finite_rows():
+  logits = np.array([[2.5] * 4, [-1.0, 0.0, 1.0, 2.0], [0.0, np.inf, 1.0, 2.0]], np.float32)
+  targets, row_min, row_scale, table = _int8_round_trip(logits)
+  assert row_scale[0] == 0.0 and row_min[0] == 2.5
+  np.testing.assert_array_equal(table.values[0, 0], 0)
+  np.testing.assert_array_equal(targets[0], logits[0])  # A constant row is exact.
+  np.testing.assert_allclose(targets[1], logits[1], atol=3.0 / 255 / 2 + 1e-6)
+  assert np.isnan(row_min[2]) and np.isnan(row_scale[2])  # Handed on as NaN, not clipped.
+  assert np.isnan(targets[2]).all()
+
+
+def test_int8_softened_target_kl_is_within_the_module_bound():
+  # KL(p || p_hat) <= s^2 / (8 tau^2) (Hoeffding) and |p_hat - p|_1 <= s / (2 tau) (Pinsker).
+  rng = np.random.default_rng(6)
+  tau = 2.0
+  logits = (4.0 * rng.normal(size=(200, 10))).astype(np.float32)
+  student = (4.0 * rng.normal(size=(200, 10))).astype(np.float32)
+  targets, _, row_scale, _ = _int8_round_trip(logits)
+  p, p_hat = _softmax64(logits, tau), _softmax64(targets, tau)
+  kl = np.sum(p * np.log(p / p_hat), axis=-1)  # [N]
+  s = row_scale.astype(np.float64)
+  assert (kl <= s**2 / (8 * tau**2) * (1 + 1e-3) + 1e-12).all()
+  assert (np.abs(p_hat - p).sum(-1) <= s / (2 * tau) * (1 + 1e-3)).all()
+  assert kl.mean() > 1e-7  # Not a trivial pass.
+  stats = logit_table.storage_error(logits, student, tau=tau, dtype='int8')
+  assert stats['mean_kl_target'] == pytest.approx(kl.mean(), rel=1e-6)
+  assert stats['mean_kl_target'] < 1e-4 and stats['rel_error'] < 1e-3
+  assert stats['grad_rel_error'] < 0.02
+
+
+def test_int8_topk_quantises_the_kept_logits():
+  rng = np.random.default_rng(7)
+  num, num_classes, k, tau = 6, 20, 5, 2.0
+  logits = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
+  targets, row_min, row_scale, table = _int8_round_trip(logits, topk=k, tau=tau)
+  assert table.values is None and table.topk_values.dtype == np.uint8
+  exact = logit_table.LogitTable(num, num_classes, E_tilde=1, topk=k, tau=tau)
+  exact.write(np.arange(num), logits, epoch=1)
+  np.testing.assert_array_equal(table.topk_ids, exact.topk_ids)
+  np.testing.assert_array_equal(table.rest_lse, exact.rest_lse)  # From unquantised logits.
+  top = np.sort(logits, axis=-1)[:, -k:]  # [N, k]
+  np.testing.assert_array_equal(row_min, top[:, 0])
+  np.testing.assert_allclose(row_scale, (top[:, -1] - top[:, 0]) / 255, rtol=1e-6)
+  kept = np.take_along_axis(targets, table.topk_ids[0].astype(np.intp), axis=-1)
+  want = np.take_along_axis(logits, table.topk_ids[0].astype(np.intp), axis=-1)
+  assert (np.abs(kept - want) <= row_scale[:, None] / 2 + 1e-6).all()
+  assert np.abs(kept - want).max() > 0  # Really rounded.
+  expected, _ = exact.gather(np.arange(num), epoch=2)
+  tail = np.ones_like(logits, bool)
+  np.put_along_axis(tail, table.topk_ids[0].astype(np.intp), False, axis=-1)
+  np.testing.assert_array_equal(targets[tail], expected[tail])  # The flat tail as before.
+
+
+def test_memmap_int8_state_dict_round_trip(tmp_path):
+  rng = np.random.default_rng(8)
+  logits = (5.0 * rng.normal(size=(4, 6))).astype(np.float32)
+  table = logit_table.LogitTable(5, 6, E_tilde=2, dtype='int8', memmap_dir=str(tmp_path / 'a'))
+  table.write(np.array([0, 2, 3, 4]), logits, epoch=1)
+  expected, _ = table.gather(np.array([0, 2, 3, 4]), epoch=3)
+  state = table.state_dict()
+  assert {k: (v.shape, v.dtype) for k, v in state.items()} == {
+    'values': ((2, 5, 6), np.dtype(np.uint8)),
+    'row_min': ((2, 5), np.dtype(np.float32)),
+    'row_scale': ((2, 5), np.dtype(np.float32)),
+    'written_epoch': ((2, 5), np.dtype(np.int32)),
+  }
+  assert all(isinstance(v, np.memmap) for v in state.values())
+  for name, array in state.items():  # Native .npy dtypes: the files are the arrays.
+    np.testing.assert_array_equal(np.load(tmp_path / 'a' / f'{name}.npy'), array)
+  assert table.nbytes == logit_table.table_nbytes(5, 6, E_tilde=2, dtype='int8')
+  restored = logit_table.LogitTable(5, 6, E_tilde=2, dtype='int8', memmap_dir=str(tmp_path / 'b'))
+  restored.load_state_dict({k: np.array(v) for k, v in state.items()})
+  targets, mask = restored.gather(np.arange(5), epoch=3)
+  np.testing.assert_array_equal(mask, [1, 0, 1, 1, 1])
+  np.testing.assert_array_equal(targets[[0, 2, 3, 4]], expected)
+  np.testing.assert_allclose(expected, logits, atol=np.ptp(logits, -1).max() / 255 / 2 + 1e-6)
+
+
+def test_int8_layout_mismatch_raises():
+  f32 = logit_table.LogitTable(5, 4, E_tilde=2)
+  int8 = logit_table.LogitTable(5, 4, E_tilde=2, dtype='int8')
+  int8_topk = logit_table.LogitTable(5, 4, E_tilde=2, dtype='int8', topk=2, tau=1.0)
+  with pytest.raises(
+    ValueError, match=r'\(full logits\).*stores full logits \(int8\).*table_dtype'
+  ):
+    int8.load_state_dict(f32.state_dict())
+  with pytest.raises(ValueError, match=r'\(full logits \(int8\)\).*stores full logits in'):
+    f32.load_state_dict(int8.state_dict())
+  with pytest.raises(ValueError, match=r'\(top-k logits \(int8\)\).*stores full logits \(int8'):
+    int8.load_state_dict(int8_topk.state_dict())
+  float_codes = dict(int8.state_dict(), values=np.zeros((2, 5, 4), np.float32))
+  with pytest.raises(ValueError, match='needs uint8 codes'):
+    int8.load_state_dict(float_codes)
+
+
+@pytest.mark.parametrize('dtype, topk', [('bfloat16', 0), ('int8', 0), ('int8', 3)])
+def test_storage_error_agrees_with_losses(dtype, topk):
+  rng = np.random.default_rng(9)
+  num, num_classes, tau = 16, 10, 2.0
+  targets = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
+  student = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
+  stats = logit_table.storage_error(targets, student, tau=tau, dtype=dtype, topk=topk)
+  table = logit_table.LogitTable(num, num_classes, E_tilde=1, dtype=dtype, topk=topk, tau=tau)
+  table.write(np.arange(num), targets, epoch=1)
+  stored, _ = table.gather(np.arange(num), epoch=2)
+  full = float(losses.trajectory_loss(jnp.asarray(student), jnp.asarray(targets), temperature=tau))
+  loss = float(losses.trajectory_loss(jnp.asarray(student), jnp.asarray(stored), temperature=tau))
+  assert stats['trajectory_loss_full'] == pytest.approx(full, rel=1e-5)
+  assert stats['trajectory_loss_stored'] == pytest.approx(loss, rel=1e-5)
+  p, p_hat, q = (_softmax64(x, tau) for x in (targets, stored, student))
+  grad_rel = np.abs(p_hat - p).sum() / np.abs(q - p).sum()
+  assert stats['grad_rel_error'] == pytest.approx(grad_rel, rel=1e-6)
+  assert stats['mean_kl_target'] == pytest.approx(np.sum(p * np.log(p / p_hat), -1).mean(), 1e-6)
+  assert stats['abs_error'] > 0
+  if not topk:  # Rounding only: small next to the loss and its gradient.
+    assert stats['rel_error'] < 1e-2 and stats['grad_rel_error'] < 0.05
+
+
+def test_storage_error_of_float32_full_storage_is_zero():
+  rng = np.random.default_rng(10)
+  targets, student = (rng.normal(size=(2, 8, 5)) * 3).astype(np.float32)
+  stats = logit_table.storage_error(targets, student, tau=1.5)
+  assert stats['trajectory_loss_full'] > 0.1
+  assert stats['trajectory_loss_stored'] == stats['trajectory_loss_full']
+  for key in ('abs_error', 'rel_error', 'max_row_abs_error', 'mean_kl_target', 'grad_rel_error'):
+    assert stats[key] == 0.0, key
+  with pytest.raises(ValueError, match='tau must be > 0'):
+    logit_table.storage_error(targets, student, tau=0.0)
+  with pytest.raises(ValueError, match='table_dtype'):
+    logit_table.storage_error(targets, student, tau=1.0, dtype='int4')
+  with pytest.raises(ValueError, match='table_topk'):
+    logit_table.topk_compression_error(targets, student, k=0, tau=1.0)  # That is full storage.

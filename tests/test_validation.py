@@ -13,7 +13,7 @@ from saf_jax import checkpoint, validation
   'field, value, match',
   [
     ('method.name', 'adam', r"config.method.name must be one of \['sgd', 'saf', 'mesa', 'sam'"),
-    ('model.name', 'vgg', r"config.model.name must be one of \['cnn', 'resnet18'\]"),
+    ('model.name', 'vgg', r"config.model.name must be one of \['cnn', .*'resnet18'"),
     ('input.dataset', 'svhn', r'config.input.dataset must be one of'),
     ('input.augment', 'mixup', r'config.input.augment must be one of'),
     ('method.saf.E_tilde', 0, r'config.method.saf.E_tilde must be an integer >= 1, got 0'),
@@ -28,6 +28,9 @@ from saf_jax import checkpoint, validation
     ('model.width', 0, r'config.model.width must be an integer >= 1, got 0'),
     ('optimizer.b2', 1.0, r'config.optimizer.b2 must be in \[0, 1\), got 1.0'),
     ('mesh.data', 2, r'config.mesh.data must be -1 or an integer in \[1, 1\], got 2'),
+    ('mesh.param_sharding', 'fsdp', r"config.mesh.param_sharding must be one of \['replicated'\]"),
+    ('method.saf.table_topk', -1, r'config.method.saf.table_topk must be an integer >= 0'),
+    ('checkpoint.every_steps', -5, r'config.checkpoint.every_steps must be an integer >= 0'),
   ],
 )
 def test_saf_config_errors(field, value, match):
@@ -64,6 +67,19 @@ def test_batch_must_divide_over_devices():
   config.input.batch_size = 100
   with pytest.raises(ValueError, match=r'divisible by the number of devices \(8\)'):
     validation.validate_config(config, num_devices=8)
+
+
+def test_several_processes_use_every_device_and_split_the_batch():
+  config = default.get_config()
+  config.mesh.data = 4
+  with pytest.raises(ValueError, match=r'config.mesh.data must be -1 or 8 \(every device of'):
+    validation.validate_config(config, num_devices=8, num_processes=2)
+  config.mesh.data = -1
+  validation.validate_config(config, num_devices=8, num_processes=2)
+  config.input.batch_size = 6
+  config.input.eval_batch_size = 999  # Divides over 3 devices but not over 2 processes.
+  with pytest.raises(ValueError, match=r'eval_batch_size must be divisible by the number of pro'):
+    validation.validate_config(config, num_devices=3, num_processes=2)
 
 
 def test_defaults_are_valid():
