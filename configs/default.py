@@ -77,6 +77,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cnn'  # See saf_jax.models.MODELS.
   config.model.width = 16  # Channels of the first block (the paper's ResNet-18: 64).
+  # Computation dtype: 'bfloat16' for mixed precision (params, optimizer state, EMA and
+  # every loss stay float32; the trajectory loss is always float32).
+  config.model.dtype = 'float32'
+
+  # Loss. Label smoothing of the cross-entropy term (0.1 in the paper's ImageNet commands);
+  # the trajectory loss never uses it.
+  config.label_smoothing = 0.0
 
   # Optimizer (the base optimizer of every method).
   config.optimizer = ml_collections.ConfigDict()

@@ -44,7 +44,11 @@ flags.mark_flags_as_required(['config'])
 
 
 # Shapes of the datasets the pipeline serves, for --synthetic (no TFDS needed).
-_SYNTHETIC_INFO = {'fashion_mnist': {'num_train': 60000, 'num_classes': 10, 'shape': (28, 28, 1)}}
+_SYNTHETIC_INFO = {
+  'fashion_mnist': {'num_train': 60000, 'num_classes': 10, 'shape': (28, 28, 1)},
+  'cifar10': {'num_train': 50000, 'num_classes': 10, 'shape': (32, 32, 3)},
+  'cifar100': {'num_train': 50000, 'num_classes': 100, 'shape': (32, 32, 3)},
+}
 
 
 class _SyntheticDatasets:

@@ -330,6 +330,7 @@ class Experiment:
       trajectory_active=active,
       batch_axis_name='data' if self.per_device else None,
       sam_step=sam_step,
+      label_smoothing=self.config.get('label_smoothing', 0.0),
       **hparams,
     )
     if self.per_device:
@@ -442,6 +443,8 @@ def build_experiment(
   mesh = sharding.create_mesh(config.mesh.data)
   if model is None:
     model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+    # Mixed precision: the computation dtype; params, opt_state, EMA and losses stay float32.
+    model_kwargs['dtype'] = jnp.dtype(model_kwargs.get('dtype', 'float32'))
     model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
   per_device = config.method.perturbation_scope == 'per_device'
   tx = create_optimizer(

@@ -86,6 +86,7 @@ def make_train_step(
   trajectory_active: bool = False,
   batch_axis_name: str | None = None,
   sam_step: bool | None = None,
+  label_smoothing: float = 0.0,
 ) -> Callable:
   r"""Builds ``train_step(state, batch) -> (state, metrics, logits)``.
 
@@ -117,6 +118,8 @@ def make_train_step(
       with each device's shard statistics, as in the original SAM's m-sharpness).
     sam_step: LookSAM only: True for a step with ``state.step % k == 0`` (full SAM
       gradient), False for a reuse step; None decides in the graph (``jax.lax.cond``).
+    label_smoothing: :math:`\epsilon` of the cross-entropy term (``losses``); the
+      trajectory loss never uses it.
 
   Returns:
     A pure function. ``batch`` is a dict with ``image`` float32 [B, H, W, C], ``label``
@@ -148,7 +151,9 @@ def make_train_step(
 
     def objective(params, sub):
       logits, new_batch_stats = _apply_train(model, params, state.batch_stats, sub['image'])
-      per_example = losses.per_example_cross_entropy(logits, sub['label'])
+      per_example = losses.per_example_cross_entropy(
+        logits, sub['label'], label_smoothing=label_smoothing
+      )
       ce = jnp.mean(per_example)
       traj = jnp.zeros([], jnp.float32)
       loss = ce  # Algorithm 1, line 13.

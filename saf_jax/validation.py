@@ -13,6 +13,7 @@ SCHEDULES = ('cosine', 'constant')
 TABLE_DTYPES = ('float32', 'bfloat16', 'int8')
 PERTURBATION_SCOPES = ('global', 'per_device')
 PARAM_SHARDINGS = ('replicated',)
+MODEL_DTYPES = ('float32', 'bfloat16')
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -114,6 +115,14 @@ def validate_config(
     config.log_every_steps,
     'an integer >= 1',
   )
+  _require(
+    config.model.get('dtype', 'float32') in MODEL_DTYPES,
+    'model.dtype',
+    config.model.get('dtype'),
+    f'one of {list(MODEL_DTYPES)}',
+  )
+  smoothing = config.get('label_smoothing', 0.0)
+  _require(_is_number(smoothing) and 0 <= smoothing < 1, 'label_smoothing', smoothing, 'in [0, 1)')
   if 'width' in config.model:
     width = config.model.width
     _require(_is_int(width) and width >= 1, 'model.width', width, 'an integer >= 1')

@@ -92,3 +92,18 @@ def test_cross_entropy_matches_numpy():
   y = rng.integers(0, 4, size=7)
   want = -np.mean(_np_log_softmax(np.float64(z))[np.arange(7), y])
   np.testing.assert_allclose(losses.cross_entropy(z, y), want, rtol=1e-6)
+
+
+def test_label_smoothing_is_the_mixture_of_label_and_uniform_targets():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(6, 7)).astype(np.float32) * 2
+  labels = rng.integers(0, 7, 6)
+  eps = 0.1
+  target = np.full((6, 7), eps / 7)
+  target[np.arange(6), labels] += 1 - eps
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -(target * logp).sum(-1)
+  got = losses.per_example_cross_entropy(logits, labels, label_smoothing=eps)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  plain = losses.per_example_cross_entropy(logits, labels)
+  assert np.all(np.abs(np.asarray(got) - np.asarray(plain)) > 1e-4)

@@ -1,6 +1,7 @@
 """The training loop's SAF bookkeeping: each example's row holds that example's own logits."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -256,3 +257,38 @@ def test_gsam_rho_follows_a_warm_up_from_zero(schedule, warmup_epochs, moves):
     np.testing.assert_allclose(moved, config.method.gsam.rho_max, rtol=1e-5)
   else:
     assert moved == 0.0
+
+
+@pytest.mark.parametrize('method', ['saf', 'mesa'])
+def test_bfloat16_compute_keeps_float32_state_and_losses(method):
+  """config.model.dtype='bfloat16': the CNN computes in bfloat16, all else is float32."""
+  rng = np.random.default_rng(0)
+  info = input_pipeline.DatasetInfo(
+    name='fake', num_train=64, num_test=0, num_classes=10, image_shape=(8, 8, 1)
+  )
+  batch = {
+    'image': rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+    'label': rng.integers(0, 10, 16).astype(np.int32),
+    'index': np.arange(16, dtype=np.int32),
+    'target_logits': rng.normal(size=(16, 10)).astype(np.float32),
+    'target_mask': np.ones(16, np.float32),
+  }
+  if method == 'mesa':
+    del batch['target_logits'], batch['target_mask']
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = default.get_config(f'method={method},smoke')
+    config.input.batch_size = 16
+    config.model.dtype = dtype
+    exp = train.build_experiment(config, info)
+    step = exp.compiled_step(active=True)
+    state, metrics, logits = step(exp.init_state(), dict(batch))
+    results[dtype] = metrics
+    for leaf in jax.tree.leaves((state.params, state.opt_state, state.ema_params)):
+      assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    assert all(m.dtype == jnp.float32 for m in metrics.values())
+    assert logits is None or logits.dtype == jnp.float32
+  # Same init and batch: bfloat16 rounding moves the losses a little, not a lot.
+  for key in ('ce_loss', 'trajectory_loss'):
+    got, want = float(results['bfloat16'][key]), float(results['float32'][key])
+    assert got != want and abs(got - want) < 0.05 * abs(want), key

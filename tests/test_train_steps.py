@@ -370,3 +370,22 @@ def test_esam_per_example_losses_average_to_the_objective_under_a_partial_mask()
   np.testing.assert_allclose(new_state.opt_state['mean'], metrics['loss'], rtol=1e-6)
   assert metrics['trajectory_loss'] > 0
   assert float(new_state.opt_state['refit']) < 1e-5
+
+
+def test_label_smoothing_enters_the_cross_entropy_only():
+  batches = _batches(1)
+  _, plain = _run('saf', batches, lam=0.3, tau=5.0, trajectory_active=True)
+  _, smoothed = _run('saf', batches, lam=0.3, tau=5.0, trajectory_active=True, label_smoothing=0.1)
+  model, _, state = _setup('saf')
+  logits, _ = model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    batches[0]['image'],
+    train=True,
+    mutable=['batch_stats'],
+  )
+  want = float(
+    jnp.mean(losses.per_example_cross_entropy(logits, batches[0]['label'], label_smoothing=0.1))
+  )
+  np.testing.assert_allclose(float(smoothed['ce_loss']), want, rtol=1e-6)
+  assert float(smoothed['ce_loss']) != float(plain['ce_loss'])
+  np.testing.assert_allclose(smoothed['trajectory_loss'], plain['trajectory_loss'], rtol=1e-6)

@@ -8,8 +8,29 @@ Every model is called as::
 
 with ``images`` float32 [batch, height, width, channels] and ``logits`` float32
 [batch, num_classes]. ``variables`` holds ``params`` (float32) and ``batch_stats``
-(BatchNorm running mean/var, PyTorch defaults momentum 0.1 / epsilon 1e-5). Models take a
-``dtype`` keyword for the computation dtype.
+(BatchNorm running mean/var, PyTorch defaults momentum 0.1 / epsilon 1e-5); ``vit_s32`` has
+no BatchNorm, so its ``batch_stats`` and ``updates`` are empty. Models take a ``dtype``
+keyword for the computation dtype (e.g. ``jnp.bfloat16``).
+
+======================= ============ ========================================== =============
+name                    input        architecture                               parameters
+======================= ============ ========================================== =============
+``cnn``                 any          ``cnn.CNN``, 4 convs (``width=16``)        19,226 (10)
+``resnet18``            CIFAR        ``resnet.ResNet18``, 3x3 stem              11,173,962 (10)
+``wrn28_10``            CIFAR        ``wide_resnet.WRN28_10``                   36,479,194 (10)
+``pyramidnet110``       CIFAR        ``pyramidnet.PyramidNet``, bottleneck,     18,323,787 (10)
+                                     alpha 270
+``resnet50``            ImageNet     ``resnet.ResNet50`` (torchvision)          25,557,032 (1000)
+``resnet101``           ImageNet     ``resnet.ResNet101`` (torchvision)         44,549,160 (1000)
+``resnet152``           ImageNet     ``resnet.ResNet152`` (torchvision)         60,192,808 (1000)
+``vit_s32``             224x224      ``vit.ViTS32``, ViT-S/32                   22,878,952 (1000)
+======================= ============ ========================================== =============
+
+(number of classes in parentheses; the modules' docstrings give other class counts).
+The convolutional networks accept any image size (they end in a global average pool);
+``vit_s32`` learns its position embedding for the image size seen at ``init``. Every model
+also takes its architecture's attributes as keywords (``config.model`` items), e.g.
+``width`` (ResNets 64, WRN and PyramidNet 16, ViT 384), ``bottleneck`` or ``depth``.
 
 This package is the only place that imports ``flax.linen``.
 
@@ -28,11 +49,19 @@ from typing import Any
 import jax
 from flax import linen as nn
 
-from saf_jax.models import cnn, resnet
+from saf_jax.models import cnn, pyramidnet, resnet, vit, wide_resnet
 
 MODELS = {
+  # Fashion-MNIST / CIFAR.
   'cnn': cnn.CNN,
   'resnet18': resnet.ResNet18,
+  'wrn28_10': wide_resnet.WRN28_10,
+  'pyramidnet110': pyramidnet.PyramidNet,
+  # ImageNet.
+  'resnet50': resnet.ResNet50,
+  'resnet101': resnet.ResNet101,
+  'resnet152': resnet.ResNet152,
+  'vit_s32': vit.ViTS32,
 }
 
 

@@ -1,0 +1,63 @@
+"""Paper configs: the values of Tables 4-5, and one real training step of each smoke variant.
+
+The smoke runs use ``tfds.testing.mock_data`` (random images of the dataset's shape): only
+these tests use mock data; real runs read the real datasets.
+"""
+
+import json
+import os
+
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar
+from saf_jax import train, train_steps, validation
+
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
+@pytest.mark.parametrize('dataset', cifar.DATASETS)
+@pytest.mark.parametrize('model', cifar.MODELS)
+@pytest.mark.parametrize('method', ['sgd', 'sam', 'saf', 'mesa'])
+def test_cifar_configs_carry_table_4(dataset, model, method):
+  config = cifar.get_config(f'dataset={dataset},model={model},method={method}')
+  validation.validate_config(config, num_devices=1, check_input=False)
+  assert config.input.dataset == dataset and config.model.name == model
+  assert config.method.name == method
+  assert (config.num_epochs, config.input.batch_size, config.optimizer.lr) == (200, 128, 0.05)
+  assert config.optimizer.schedule == 'cosine' and config.input.augment == 'crop_flip'
+  assert config.optimizer.weight_decay == {'wrn28_10': 1e-3}.get(model, 5e-4)
+  assert config.method.sam.rho == {'wrn28_10': 0.1, 'pyramidnet110': 0.2}.get(model, 0.05)
+  saf, mesa = config.method.saf, config.method.mesa
+  assert (saf.lam, saf.tau, saf.E_tilde, saf.E_start) == (0.3, 5.0, 3, 5)
+  assert (mesa.lam, mesa.tau, mesa.E_start, mesa.ema_decay) == (0.8, 5.0, 5, 0.9995)
+  assert (model, method) in cifar.PAPER_TABLE_3
+  assert train_steps.split_method(method)  # A method the training loop knows.
+
+
+def test_cifar_config_arguments_are_checked():
+  with pytest.raises(ValueError, match=r"dataset must be one of \['cifar10', 'cifar100'\]"):
+    cifar.get_config('dataset=svhn')
+  with pytest.raises(ValueError, match=r"model must be one of \['resnet18', 'wrn28_10'"):
+    cifar.get_config('model=vgg16')
+  with pytest.raises(ValueError, match='allowed: dataset=<name>, model=<name>'):
+    cifar.get_config('epochs=3')
+
+
+@pytest.mark.parametrize(
+  'dataset, model, method',
+  [
+    ('cifar10', 'resnet18', 'saf'),
+    ('cifar100', 'wrn28_10', 'mesa'),
+    ('cifar10', 'pyramidnet110', 'sam'),
+  ],
+)
+def test_cifar_smoke_config_trains_one_step(dataset, model, method, tmp_path):
+  config = cifar.get_config(f'dataset={dataset},model={model},method={method},smoke')
+  workdir = str(tmp_path / 'run')
+  with tfds.testing.mock_data(num_examples=4):
+    record = train.train_and_evaluate(config, workdir)
+  assert record['step'] == 1
+  assert record['train/trajectory_active'] == int(method in ('saf', 'mesa'))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['name'] == model
