@@ -63,7 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Input.
   config.input = ml_collections.ConfigDict()
-  config.input.dataset = 'fashion_mnist'  # TFDS name.
+  # TFDS name, or 'folder:/path' for root/train/<class>/*.png|jpg and root/test/<class>/...
+  config.input.dataset = 'fashion_mnist'
+  config.input.image_size = -1  # Folders only: resize to this many pixels square; -1 = keep.
   config.input.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir.
   config.input.batch_size = 128  # Global batch size (all devices), examples.
   config.input.eval_batch_size = 1000  # Global, examples; the last batch is padded.

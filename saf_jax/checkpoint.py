@@ -64,7 +64,12 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 
 
 # Training fields added after the first release, with the value that older runs had.
-_ADDED_FIELDS = {'method.saf.table_topk': 0, 'model.dtype': 'float32', 'label_smoothing': 0.0}
+_ADDED_FIELDS = {
+  'method.saf.table_topk': 0,
+  'model.dtype': 'float32',
+  'label_smoothing': 0.0,
+  'input.image_size': -1,
+}
 
 
 def _trajectory_fields(config_dict: dict) -> dict[str, Any]:

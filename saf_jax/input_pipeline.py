@@ -85,6 +85,9 @@ _CHANNEL_STATS = {
 }
 # TFDS names this pipeline serves (it knows their normalisation constants).
 DATASETS = tuple(sorted(_CHANNEL_STATS))
+# config.input.dataset = FOLDER_PREFIX + root: an image folder (see folder_classes).
+FOLDER_PREFIX = 'folder:'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
 _IDX_DTYPES = {
@@ -466,9 +469,10 @@ def create_datasets(
       provided from local files or downloaded.
   """
   name = input_config.dataset
-  if name not in _CHANNEL_STATS:
+  if name not in _CHANNEL_STATS and not name.startswith(FOLDER_PREFIX):
     raise ValueError(
-      f'config.input.dataset={name!r} is not supported; use one of {sorted(_CHANNEL_STATS)}.'
+      f'config.input.dataset={name!r} is not supported; use one of {sorted(_CHANNEL_STATS)} '
+      f"or '{FOLDER_PREFIX}/path/to/images'."
     )
   if input_config.augment not in AUGMENTATIONS:
     raise ValueError(
@@ -484,20 +488,37 @@ def create_datasets(
     if value != -1 and value < 1:
       raise ValueError(f'config.input.{field} must be -1 (all) or positive, got {value}.')
 
-  builder = _ready_builder(
-    name, data_dir=input_config.data_dir, fashion_mnist_idx_dir=fashion_mnist_idx_dir
-  )
-  train = _load_split(builder, 'train', num_examples=input_config.num_train_examples)
-  test = _load_split(builder, 'test', num_examples=input_config.num_test_examples)
+  if name.startswith(FOLDER_PREFIX):
+    root = name[len(FOLDER_PREFIX) :]
+    image_size = input_config.get('image_size', -1)
+    classes = folder_classes(root)
+    train = _load_folder_split(root, 'train', classes, image_size, input_config.num_train_examples)
+    test = _load_folder_split(root, 'test', classes, image_size, input_config.num_test_examples)
+    if train['image'].shape[1:] != test['image'].shape[1:]:
+      raise ValueError(
+        f'The train images of {root!r} are {train["image"].shape[1:]} and the test images '
+        f'{test["image"].shape[1:]}: set config.input.image_size to resize both.'
+      )
+    num_classes = len(classes)
+    pixels = train['image'].astype(np.float64) / 255.0  # Normalise by the train split.
+    mean = tuple(float(m) for m in pixels.mean(axis=(0, 1, 2)))
+    std = tuple(float(max(d, 1e-3)) for d in pixels.std(axis=(0, 1, 2)))
+  else:
+    builder = _ready_builder(
+      name, data_dir=input_config.data_dir, fashion_mnist_idx_dir=fashion_mnist_idx_dir
+    )
+    train = _load_split(builder, 'train', num_examples=input_config.num_train_examples)
+    test = _load_split(builder, 'test', num_examples=input_config.num_test_examples)
+    num_classes = builder.info.features['label'].num_classes
+    mean, std = _CHANNEL_STATS[name]
   info = DatasetInfo(
     name=name,
     num_train=len(train['label']),
     num_test=len(test['label']),
-    num_classes=builder.info.features['label'].num_classes,
+    num_classes=num_classes,
     image_shape=tuple(int(d) for d in train['image'].shape[1:]),
   )
   logging.info('Loaded %s into memory: %s', name, info)
-  mean, std = _CHANNEL_STATS[name]
   return Datasets(
     info=info,
     train=train,
@@ -508,6 +529,93 @@ def create_datasets(
     crop_padding=input_config.crop_padding,
     seed=seed,
   )
+
+
+def folder_classes(root: str) -> list[str]:
+  """Class names of an image folder: its ``train/`` subfolders, sorted.
+
+  The layout is TFDS ``ImageFolder``'s: ``root/train/<class>/*.jpg|jpeg|png`` and
+  ``root/test/<class>/*.jpg|jpeg|png``. Label ``k`` is the ``k``-th class name in sorted
+  order.
+
+  Raises:
+    ValueError: if ``root/train`` or ``root/test`` is missing, a class folder holds no
+      image, or a test class is not a train class.
+  """
+  splits = {}
+  for split in ('train', 'test'):
+    directory = os.path.join(root, split)
+    if not os.path.isdir(directory):
+      raise ValueError(
+        f"config.input.dataset='{FOLDER_PREFIX}{root}' needs {directory}/<class>/*.jpg|png "
+        f'(the layout of TFDS ImageFolder); {directory} is not a directory.'
+      )
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not classes:
+      raise ValueError(f'{directory} holds no class folder.')
+    for name in classes:
+      if not _folder_images(os.path.join(directory, name)):
+        raise ValueError(
+          f'Class folder {os.path.join(directory, name)} holds no image '
+          f'({", ".join(IMAGE_EXTENSIONS)}).'
+        )
+    splits[split] = classes
+  missing = sorted(set(splits['test']) - set(splits['train']))
+  if missing:
+    raise ValueError(
+      f'The test split of {root!r} has classes that train does not: {missing}; a model '
+      'trained on train cannot predict them.'
+    )
+  return splits['train']
+
+
+def _folder_images(directory: str) -> list[str]:
+  """The image files of one class folder, sorted by name."""
+  return sorted(
+    e.path
+    for e in os.scandir(directory)
+    if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+  )
+
+
+def _load_folder_split(
+  root: str, split: str, classes: list[str], image_size: int, num_examples: int
+) -> dict[str, np.ndarray]:
+  """Decodes one split of an image folder into memory, as RGB uint8.
+
+  Example ids follow the sorted (class, file name) order, so they are stable as long as
+  the folder's files are. With ``image_size > 0`` every image is resized (bilinear, with
+  antialiasing) to ``image_size`` x ``image_size``; otherwise all must share one size.
+
+  Raises:
+    ValueError: for an unreadable image (naming the file), or images of different sizes
+      without ``image_size``.
+  """
+  files, labels = [], []
+  for label, name in enumerate(classes):
+    directory = os.path.join(root, split, name)
+    if os.path.isdir(directory):
+      found = _folder_images(directory)
+      files += found
+      labels += [label] * len(found)
+  if num_examples != -1:
+    files, labels = files[:num_examples], labels[:num_examples]
+  images = []
+  for path in files:
+    try:
+      image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+      raise ValueError(f'Cannot read the image {path}: {e.message.splitlines()[0]}') from e
+    if image_size > 0:
+      image = tf.image.resize(image, (image_size, image_size), antialias=True)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    elif images and image.shape != images[0].shape:
+      raise ValueError(
+        f'{path} is {tuple(image.shape)} but {files[0]} is {tuple(images[0].shape)}: set '
+        'config.input.image_size to resize every image to one size.'
+      )
+    images.append(image.numpy())
+  return {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
 
 
 def _load_split(

@@ -96,11 +96,20 @@ def validate_config(
   if check_input:
     from saf_jax import input_pipeline  # Imports TensorFlow.
 
+    dataset = config.input.dataset
     _require(
-      config.input.dataset in input_pipeline.DATASETS,
+      dataset in input_pipeline.DATASETS
+      or (isinstance(dataset, str) and dataset.startswith(input_pipeline.FOLDER_PREFIX)),
       'input.dataset',
-      config.input.dataset,
-      f'one of {list(input_pipeline.DATASETS)}',
+      dataset,
+      f"one of {list(input_pipeline.DATASETS)} or '{input_pipeline.FOLDER_PREFIX}/path'",
+    )
+    size = config.input.get('image_size', -1)
+    _require(
+      _is_int(size) and (size == -1 or size >= 1),
+      'input.image_size',
+      size,
+      '-1 (keep the images) or an integer >= 1 (pixels)',
     )
     _require(
       config.input.augment in input_pipeline.AUGMENTATIONS,
