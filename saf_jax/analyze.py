@@ -451,6 +451,12 @@ def check_workdir(
       'fewer.'
     )
   saved = sorted(checkpoint.saved_epochs(workdir))
+  if not saved and checkpoint.saved_steps(workdir):
+    raise ValueError(
+      f'{workdir!r} has checkpoints only from the middle of an epoch (steps '
+      f'{checkpoint.saved_steps(workdir)}); the tools read one taken at the end of an epoch: '
+      'resume the run until an epoch ends.'
+    )
   if not saved:
     raise ValueError(f'{workdir!r} has no checkpoint in checkpoints/: train it first.')
   if epoch is not None and epoch not in saved:

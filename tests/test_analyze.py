@@ -16,7 +16,8 @@ from jax.flatten_util import ravel_pytree
 from matplotlib import image as mpimg
 from tensorboard.backend.event_processing import event_accumulator
 
-from saf_jax import analyze, landscape, metrics, sharpness
+from configs import default
+from saf_jax import analyze, checkpoint, landscape, metrics, sharpness
 from tests import conftest
 from tests.test_main import _main, _records
 
@@ -527,3 +528,16 @@ def test_curves_say_which_landscape_is_missing(workdirs, tmp_path):
   assert 'landscapes.png not drawn: no ' in proc.stdout
   assert os.path.join(first, 'analysis', 'landscape.npz') in proc.stdout
   assert sorted(os.listdir(out_dir)) == ['curves.png']
+
+
+def test_workdir_with_only_mid_epoch_checkpoints_says_so(tmp_path):
+  """A run stopped by SIGTERM in its first epoch has checkpoints, none at an epoch's end."""
+  checkpoint.write_config(default.get_config('method=sgd,smoke'), str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
+  meta = {'epoch': 1, 'batches_done': 3, 'steps_per_epoch': 8, 'step': 3}
+  ckpt.save(3, {'x': np.zeros(2, np.float32)}, None, meta)
+  ckpt.close()
+  with pytest.raises(
+    ValueError, match=r'checkpoints only from the middle of an epoch \(steps \[3\]'
+  ):
+    analyze.check_workdir(str(tmp_path))
