@@ -15,6 +15,11 @@ from saf_jax import train, train_steps, validation
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
+# tfds.testing loads its modules lazily, and pytest rewrites the one named test_utils.py on
+# import. Done inside a test, deep in a JAX call stack, that compile hit CPython 3.11's
+# "AST constructor recursion depth mismatch" SystemError once in CI; load it here instead.
+_MOCK_DATA = tfds.testing.mock_data
+
 
 @pytest.mark.parametrize('dataset', cifar.DATASETS)
 @pytest.mark.parametrize('model', cifar.MODELS)
@@ -55,7 +60,7 @@ def test_cifar_config_arguments_are_checked():
 def test_cifar_smoke_config_trains_one_step(dataset, model, method, tmp_path):
   config = cifar.get_config(f'dataset={dataset},model={model},method={method},smoke')
   workdir = str(tmp_path / 'run')
-  with tfds.testing.mock_data(num_examples=4):
+  with _MOCK_DATA(num_examples=4):
     record = train.train_and_evaluate(config, workdir)
   assert record['step'] == 1
   assert record['train/trajectory_active'] == int(method in ('saf', 'mesa'))
