@@ -69,28 +69,13 @@ _WEIGHT_DECAY = {'resnet18': 5e-4, 'wrn28_10': 1e-3, 'pyramidnet110': 5e-4}
 _SAM_RHO = {'resnet18': 0.05, 'wrn28_10': 0.1, 'pyramidnet110': 0.2}
 
 
-def _parse_arg(arg: str | None) -> dict:
-  parsed = {'dataset': 'cifar10', 'model': 'resnet18', 'method': 'saf', 'smoke': False}
-  for item in filter(None, (arg or '').split(',')):
-    key, sep, value = item.partition('=')
-    key = key.strip()
-    if key not in parsed:
-      raise ValueError(
-        f'Unknown config argument {key!r} in {arg!r}; allowed: dataset=<name>, '
-        'model=<name>, method=<name>, smoke.'
-      )
-    parsed[key] = value.strip() if sep else True
-  for key, allowed in (('dataset', DATASETS), ('model', MODELS)):
-    if parsed[key] not in allowed:
-      raise ValueError(
-        f'config argument {key} must be one of {list(allowed)}, got {parsed[key]!r}.'
-      )
-  return parsed
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config of one Table 3 row; ``arg`` as described in the module docstring."""
-  args = _parse_arg(arg)
+  args = default.parse_args(
+    arg,
+    {'dataset': 'cifar10', 'model': 'resnet18', 'method': 'saf', 'smoke': False},
+    {'dataset': DATASETS, 'model': MODELS},
+  )
   # Every field, with its unit, is defined there; this module sets the paper's values.
   config = default.get_config(f'method={args["method"]}')
   model = args['model']

@@ -32,28 +32,37 @@ import ml_collections
 from saf_jax import train_steps
 
 
-def _parse_arg(arg: str | None) -> dict:
-  """Parses 'method=saf,smoke' into {'method': 'saf', 'smoke': True}."""
-  parsed = {'method': 'saf', 'smoke': False}
+def parse_args(arg: str | None, defaults: dict, choices: dict) -> dict:
+  """Parses a config argument such as 'method=saf,smoke', as big_vision's configs take them.
+
+  Args:
+    arg: comma-separated ``key=value`` items and bare flags, or None.
+    defaults: every allowed key with its default; a bool default makes the key a bare flag.
+    choices: for some keys, the allowed values.
+
+  Returns:
+    ``defaults`` updated by ``arg``, e.g. {'method': 'saf', 'smoke': True}.
+
+  Raises:
+    ValueError: for an unknown key, or a value not in its ``choices``.
+  """
+  parsed = dict(defaults)
+  allowed = ', '.join(k if isinstance(v, bool) else f'{k}=<name>' for k, v in defaults.items())
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     key = key.strip()
     if key not in parsed:
-      raise ValueError(
-        f'Unknown config argument {key!r} in {arg!r}; allowed: method=<name>, smoke.'
-      )
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; allowed: {allowed}.')
     parsed[key] = value.strip() if sep else True
-  if parsed['method'] not in train_steps.METHODS:
-    raise ValueError(
-      f'config argument method must be one of {list(train_steps.METHODS)}, '
-      f'got {parsed["method"]!r}.'
-    )
+  for key, values in choices.items():
+    if parsed[key] not in values:
+      raise ValueError(f'config argument {key} must be one of {list(values)}, got {parsed[key]!r}.')
   return parsed
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` as described in the module docstring."""
-  args = _parse_arg(arg)
+  args = parse_args(arg, {'method': 'saf', 'smoke': False}, {'method': train_steps.METHODS})
   config = ml_collections.ConfigDict()
 
   # Run.
