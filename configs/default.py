@@ -74,15 +74,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict()
   # TFDS name, or 'folder:/path' for root/train/<class>/*.png|jpg and root/test/<class>/...
   config.input.dataset = 'fashion_mnist'
-  config.input.image_size = -1  # Folders only: resize to this many pixels square; -1 = keep.
+  # Folders: resize to this many pixels square (-1 = keep); ImageNet: crop size (-1 = 224).
+  config.input.image_size = -1
   config.input.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir.
   config.input.batch_size = 128  # Global batch size (all devices), examples.
   config.input.eval_batch_size = 1000  # Global, examples; the last batch is padded.
   config.input.num_train_examples = -1  # First N training examples; -1 = all.
   config.input.num_test_examples = -1  # First N test examples; -1 = all.
-  config.input.augment = 'flip'  # 'none' | 'flip' | 'crop_flip'.
+  config.input.augment = 'flip'  # 'none' | 'flip' | 'crop_flip'; ImageNet: 'inception_crop'.
   config.input.crop_padding = 4  # Pixels of zero padding for 'crop_flip'.
   config.input.prefetch = 2  # Batches placed on device ahead of the step.
+  # Streamed datasets (ImageNet) only: encoded examples in each process's shuffle buffer.
+  config.input.shuffle_buffer = 16_384
 
   # Model.
   config.model = ml_collections.ConfigDict()

@@ -69,6 +69,7 @@ _ADDED_FIELDS = {
   'model.dtype': 'float32',
   'label_smoothing': 0.0,
   'input.image_size': -1,
+  'input.shuffle_buffer': 16_384,
 }
 
 

@@ -65,6 +65,8 @@ except RuntimeError as e:  # TF was initialised before this import; it may alrea
 FASHION_MNIST_IDX_DIR = '/usr/share/datasets/fashion-mnist'
 
 AUGMENTATIONS = ('none', 'flip', 'crop_flip')
+# TFDS datasets streamed from their files instead of held in memory (saf_jax.streaming).
+STREAMED_DATASETS = ('imagenet2012',)
 
 # The SAF paper's "basic data augmentation" per dataset, for configs to copy. Digits are not
 # flip-symmetric, so MNIST gets none.
@@ -83,8 +85,10 @@ _CHANNEL_STATS = {
   'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
   'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-# TFDS names this pipeline serves (it knows their normalisation constants).
-DATASETS = tuple(sorted(_CHANNEL_STATS))
+# TFDS names this pipeline holds in memory (it knows their normalisation constants).
+IN_MEMORY_DATASETS = tuple(sorted(_CHANNEL_STATS))
+# Every TFDS name create_datasets serves.
+DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
 # config.input.dataset = FOLDER_PREFIX + root: an image folder (see folder_classes).
 FOLDER_PREFIX = 'folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -363,36 +367,83 @@ class Datasets:
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
     height, width, channels = self.info.image_shape
-    num_test = self.info.num_test
-    bounds = [num_test * p // process_count for p in range(process_count + 1)]
-    first, last = bounds[process_index], bounds[process_index + 1]
-    largest = -(-num_test // process_count)  # The biggest block.
-    num_batches = -(-largest // batch_size)
+    first, last, num_batches = test_block(
+      self.info.num_test, batch_size, process_index, process_count
+    )
 
     def make_batch(batch_ids: tf.Tensor) -> dict[str, tf.Tensor]:
-      num_real = tf.shape(batch_ids)[0]
-      num_pad = batch_size - num_real
-      image = self._normalise(tf.gather(self._test_images, batch_ids))
       batch = {
-        'image': tf.pad(image, [[0, num_pad], [0, 0], [0, 0], [0, 0]]),
-        'label': tf.pad(tf.gather(self._test_labels, batch_ids), [[0, num_pad]]),
-        'index': tf.pad(batch_ids, [[0, num_pad]], constant_values=-1),
-        'mask': tf.pad(tf.ones([num_real], tf.float32), [[0, num_pad]]),
+        'image': self._normalise(tf.gather(self._test_images, batch_ids)),
+        'label': tf.gather(self._test_labels, batch_ids),
+        'index': batch_ids,
       }
-      batch['image'] = tf.ensure_shape(batch['image'], [batch_size, height, width, channels])
-      return batch
+      return pad_batch(batch, [batch_size, height, width, channels])
 
     ids = tf.range(first, last, dtype=tf.int32)
-    ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size)
-    missing = num_batches - (-(-(last - first) // batch_size))
-    if missing:  # Whole padding batches, so that every process yields as many batches.
-      empty = tf.data.Dataset.from_tensors(tf.zeros([0], tf.int32)).repeat(missing)
-      ds = ds.concatenate(empty)
+    ds = pad_with_empty_batches(
+      tf.data.Dataset.from_tensor_slices(ids).batch(batch_size),
+      num_real=last - first,
+      batch_size=batch_size,
+      num_batches=num_batches,
+    )
     return _numpy_batches(ds, make_batch)
 
   def _normalise(self, images: tf.Tensor) -> tf.Tensor:
     """Maps uint8 [B, H, W, C] pixels to float32 ``(x / 255 - mean) / std`` per channel."""
     return (tf.cast(images, tf.float32) / 255.0 - self._mean) / self._std
+
+
+def test_block(
+  num_test: int, batch_size: int, process_index: int, process_count: int
+) -> tuple[int, int, int]:
+  """The test ids ``[first, last)`` of one process and the batches every process yields.
+
+  The test split is cut into ``process_count`` contiguous blocks whose sizes differ by at
+  most one; every process yields ``ceil(ceil(num_test / P) / batch_size)`` batches.
+  """
+  bounds = [num_test * p // process_count for p in range(process_count + 1)]
+  largest = -(-num_test // process_count)  # The biggest block.
+  return bounds[process_index], bounds[process_index + 1], -(-largest // batch_size)
+
+
+def pad_with_empty_batches(
+  batches: tf.data.Dataset, *, num_real: int, batch_size: int, num_batches: int
+) -> tf.data.Dataset:
+  """Appends empty batches to ``batches`` (of ``num_real`` examples) up to ``num_batches``.
+
+  So that every process yields as many test batches (see :func:`test_block`); each
+  batch is padded to full size afterwards.
+  """
+  missing = num_batches - (-(-num_real // batch_size))
+  if not missing:
+    return batches
+  empty = tf.nest.map_structure(
+    lambda spec: tf.zeros([0, *spec.shape[1:]], spec.dtype), batches.element_spec
+  )
+  return batches.concatenate(tf.data.Dataset.from_tensors(empty).repeat(missing))
+
+
+def pad_batch(batch: dict[str, tf.Tensor], image_shape: list[int]) -> dict[str, tf.Tensor]:
+  """Pads a test batch to ``image_shape[0]`` rows and adds its ``'mask'``.
+
+  Args:
+    batch: ``'image'`` float32 [n, H, W, C], ``'label'`` and ``'index'`` int32 [n], with
+      ``n <= image_shape[0]``.
+    image_shape: ``[batch_size, H, W, C]``.
+
+  Returns:
+    The batch with ``batch_size`` rows: padding rows have image 0, label 0, index -1 and
+    ``'mask'`` (float32 [batch_size]) 0; real rows have mask 1.
+  """
+  num_real = tf.shape(batch['label'])[0]
+  num_pad = image_shape[0] - num_real
+  image = tf.pad(batch['image'], [[0, num_pad], [0, 0], [0, 0], [0, 0]])
+  return {
+    'image': tf.ensure_shape(image, image_shape),
+    'label': tf.pad(batch['label'], [[0, num_pad]]),
+    'index': tf.pad(batch['index'], [[0, num_pad]], constant_values=-1),
+    'mask': tf.pad(tf.ones([num_real], tf.float32), [[0, num_pad]]),
+  }
 
 
 def _numpy_batches(ids: tf.data.Dataset, make_batch) -> Iterator[dict[str, np.ndarray]]:
@@ -442,13 +493,23 @@ def _crop_and_flip(
   return tf.gather(images, columns, axis=2, batch_dims=1)  # [B, H, W, C]
 
 
+def augmentations(dataset: str) -> tuple[str, ...]:
+  """The values of ``config.input.augment`` that ``dataset`` (a TFDS name or folder) takes."""
+  if dataset in STREAMED_DATASETS:
+    return ('inception_crop', 'none')  # saf_jax.streaming.AUGMENTATIONS, without importing it.
+  return AUGMENTATIONS
+
+
 def create_datasets(
   input_config: ml_collections.ConfigDict,
   *,
   seed: int,
   fashion_mnist_idx_dir: str = FASHION_MNIST_IDX_DIR,
-) -> Datasets:
+):
   """Loads the train and test splits into memory, preparing the dataset first if needed.
+
+  ImageNet (``STREAMED_DATASETS``) is streamed from its files instead, by
+  :func:`saf_jax.streaming.create_streamed_datasets`, with the same interface.
 
   Args:
     input_config: ``config.input`` with fields ``dataset`` (TFDS name, a key of
@@ -461,7 +522,8 @@ def create_datasets(
       TFDS dataset when it is missing.
 
   Returns:
-    The datasets, with ``info`` describing what is served.
+    The datasets, with ``info`` describing what is served: a :class:`Datasets`, or a
+    :class:`saf_jax.streaming.StreamedDatasets` for ``STREAMED_DATASETS``.
 
   Raises:
     ValueError: if a field of ``input_config`` has an unsupported value.
@@ -469,9 +531,13 @@ def create_datasets(
       provided from local files or downloaded.
   """
   name = input_config.dataset
+  if name in STREAMED_DATASETS:
+    from saf_jax import streaming  # It builds on this module.
+
+    return streaming.create_streamed_datasets(input_config, seed=seed)
   if name not in _CHANNEL_STATS and not name.startswith(FOLDER_PREFIX):
     raise ValueError(
-      f'config.input.dataset={name!r} is not supported; use one of {sorted(_CHANNEL_STATS)} '
+      f'config.input.dataset={name!r} is not supported; use one of {list(DATASETS)} '
       f"or '{FOLDER_PREFIX}/path/to/images'."
     )
   if input_config.augment not in AUGMENTATIONS:
@@ -504,7 +570,7 @@ def create_datasets(
     mean = tuple(float(m) for m in pixels.mean(axis=(0, 1, 2)))
     std = tuple(float(max(d, 1e-3)) for d in pixels.std(axis=(0, 1, 2)))
   else:
-    builder = _ready_builder(
+    builder = ready_builder(
       name, data_dir=input_config.data_dir, fashion_mnist_idx_dir=fashion_mnist_idx_dir
     )
     train = _load_split(builder, 'train', num_examples=input_config.num_train_examples)
@@ -658,17 +724,33 @@ def _load_split(
   }
 
 
-def _ready_builder(
-  name: str, *, data_dir: str | None, fashion_mnist_idx_dir: str
+def ready_builder(
+  name: str, *, data_dir: str | None, fashion_mnist_idx_dir: str = FASHION_MNIST_IDX_DIR
 ) -> tfds.core.DatasetBuilder:
-  """Returns a builder whose splits can be read, preparing the dataset if needed."""
+  """Returns a builder whose splits can be read, preparing the dataset if needed.
+
+  Fashion-MNIST is written from Debian's IDX files; a dataset with a manual download
+  (ImageNet) is prepared from ``<data_dir>/downloads/manual`` as TFDS documents, when its
+  files are there; any other is downloaded.
+
+  Raises:
+    DataNotFoundError: if the dataset is not prepared and cannot be, saying what to do.
+  """
   builder = tfds.builder(name, data_dir=data_dir)
   if _is_readable(builder):
     return builder
   data_dir_root = os.fspath(builder.data_dir_root)
+  manual_dir = os.path.join(data_dir_root, 'downloads', 'manual')
   if name == 'fashion_mnist' and _has_fashion_mnist_idx(fashion_mnist_idx_dir):
     _store_fashion_mnist(builder, idx_dir=fashion_mnist_idx_dir)
     builder = tfds.builder(name, data_dir=data_dir)
+  elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (
+    os.path.isdir(manual_dir) and os.listdir(manual_dir)
+  ):
+    raise DataNotFoundError(
+      f'Dataset {name!r} is not prepared in data_dir {data_dir_root!r}. '
+      + _how_to_provide(name, data_dir_root, fashion_mnist_idx_dir)
+    )
   else:
     unreachable = _unreachable_hosts(builder)
     if unreachable:
@@ -715,6 +797,14 @@ def _how_to_provide(name: str, data_dir_root: str, fashion_mnist_idx_dir: str) -
     return (
       f'Install it with `apt-get install -y dataset-fashion-mnist` (IDX files in '
       f'{fashion_mnist_idx_dir}); it is converted to TFDS on the next run.'
+    )
+  instructions = tfds.builder_cls(name).MANUAL_DOWNLOAD_INSTRUCTIONS
+  if instructions:
+    manual_dir = os.path.join(data_dir_root, 'downloads', 'manual')
+    return (
+      f'It needs a manual download: {" ".join(instructions.split())} Put the files in '
+      f'{manual_dir}, then run `tfds build {name} --data_dir {data_dir_root}` (or start '
+      'training, which does the same; hours for ImageNet).'
     )
   return (
     f'On a machine with internet run `tfds build {name} --data_dir {data_dir_root}`, then '

@@ -111,11 +111,16 @@ def validate_config(
       size,
       '-1 (keep the images) or an integer >= 1 (pixels)',
     )
+    allowed = input_pipeline.augmentations(dataset)
     _require(
-      config.input.augment in input_pipeline.AUGMENTATIONS,
+      config.input.augment in allowed,
       'input.augment',
       config.input.augment,
-      f'one of {list(input_pipeline.AUGMENTATIONS)}',
+      f'one of {list(allowed)} for dataset {dataset!r}',
+    )
+    buffer = config.input.get('shuffle_buffer', 1)
+    _require(
+      _is_int(buffer) and buffer >= 1, 'input.shuffle_buffer', buffer, 'an integer >= 1 (examples)'
     )
   _require(_is_int(config.seed), 'seed', config.seed, 'an integer')
   _require(

@@ -10,7 +10,7 @@ import os
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import cifar
+from configs import cifar, imagenet
 from saf_jax import train, train_steps, validation
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
@@ -66,3 +66,53 @@ def test_cifar_smoke_config_trains_one_step(dataset, model, method, tmp_path):
   assert record['train/trajectory_active'] == int(method in ('saf', 'mesa'))
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['name'] == model
+
+
+@pytest.mark.parametrize('model', imagenet.MODELS)
+@pytest.mark.parametrize('method', ['sgd', 'sam', 'saf', 'mesa'])
+def test_imagenet_configs_carry_table_5(model, method):
+  config = imagenet.get_config(f'model={model},method={method}')
+  validation.validate_config(config, num_devices=8, check_input=True)
+  vit = model == 'vit_s32'
+  assert config.input.dataset == 'imagenet2012' and config.model.name == model
+  assert config.input.augment == 'inception_crop' and config.input.image_size == 224
+  assert config.input.batch_size == 4096 and config.optimizer.schedule == 'cosine'
+  assert config.num_epochs == (300 if vit else 90) and config.label_smoothing == 0.1
+  optimizer = config.optimizer
+  if vit:
+    assert (optimizer.name, optimizer.lr, optimizer.weight_decay) == ('adamw', 3e-3, 0.3)
+    assert (optimizer.b1, optimizer.b2) == (0.9, 0.999)
+  else:
+    wd = 1e-4 if model == 'resnet50' and method in ('saf', 'mesa') else 3e-5
+    assert (optimizer.name, optimizer.lr, optimizer.weight_decay) == ('sgd', 1.4, wd)
+    assert optimizer.momentum == 0.9
+  saf, mesa = config.method.saf, config.method.mesa
+  e_start = 150 if vit else 10
+  assert (saf.lam, saf.tau, saf.E_tilde, saf.E_start) == (0.3, 5.0, 3, e_start)
+  assert (mesa.lam, mesa.tau, mesa.E_start, mesa.ema_decay) == (0.3, 5.0, e_start, 0.9998)
+  assert config.method.sam.rho == 0.05
+  assert (model, 'sgd') in imagenet.PAPER_TABLE_1 and (model, 'sam') in imagenet.PAPER_TABLE_1
+
+
+def test_imagenet_config_arguments_are_checked():
+  with pytest.raises(ValueError, match=r"model must be one of \['resnet50', 'resnet101'"):
+    imagenet.get_config('model=resnet18')
+  with pytest.raises(ValueError, match='allowed: model=<name>, method=<name>, smoke'):
+    imagenet.get_config('dataset=cifar10')
+
+
+@pytest.mark.parametrize(
+  'model, method',
+  [('resnet50', 'saf'), ('resnet101', 'sam'), ('resnet152', 'sgd'), ('vit_s32', 'mesa')],
+)
+def test_imagenet_smoke_config_trains_one_step(model, method, tmp_path):
+  config = imagenet.get_config(f'model={model},method={method},smoke')
+  workdir = str(tmp_path / 'run')
+  with _MOCK_DATA(num_examples=4):
+    record = train.train_and_evaluate(config, workdir)
+  assert record['step'] == 1
+  assert record['train/trajectory_active'] == int(method in ('saf', 'mesa'))
+  assert 'test_ema/accuracy' in record if method == 'mesa' else 'test_ema/accuracy' not in record
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert (saved['model']['name'], saved['input']['dataset']) == (model, 'imagenet2012')

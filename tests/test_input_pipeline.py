@@ -204,7 +204,7 @@ def test_test_batches_cover_every_example_once_with_mask():
   'field, value',
   [
     ('augment', 'autoaugment'),
-    ('dataset', 'imagenet2012'),
+    ('dataset', 'svhn_cropped'),
     ('num_train_examples', 0),
     ('crop_padding', -1),
   ],

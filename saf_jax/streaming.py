@@ -1,0 +1,518 @@
+r"""Streamed input pipeline for TFDS datasets too large for memory: ImageNet (``imagenet2012``).
+
+The JPEG-encoded examples are read from the TFDS files every epoch; nothing is held in memory
+but a shuffle buffer of encoded examples. Each example still carries a stable, dense ``index``
+for SAF's table of past logits: its position in the split's TFDS order, computed from the
+``tfds_id`` TFDS attaches (``<file>-<shard>-of-<shards>__<position in shard>``) and the shard
+lengths TFDS records, so it does not depend on the order in which files are read::
+
+  index = sum(shard_lengths[:shard]) + position in shard           # in [0, num_train)
+
+Process ``p`` of ``P`` reads the split slice ``train[a:a + n]`` with ``(a, n) =
+sharding.process_partition(num_train, p, P)``: exactly the ids of its SAF table rows. One
+epoch of process ``p``::
+
+  files of its slice, order shuffled by (seed, epoch, p)
+    -> interleaved -> shuffle buffer of encoded examples, seeded by (seed, epoch, p)
+    -> the first (n // batch) * batch examples       # each id at most once; the rest dropped
+    -> skip start_batch * batch                      # resume: skipped before any decoding
+    -> decode + Inception crop + flip keyed by (seed, epoch, index) -> batch
+
+The order is a fixed function of ``(seed, epoch, p)`` and the files, so an epoch can be
+replayed or resumed from any batch. A random example order from a buffer of
+``shuffle_buffer`` examples is the usual approximation to a full permutation on ImageNet
+(TFDS already shuffled the examples when it wrote the files).
+
+Augmentation (``config.input.augment``):
+
+* ``'inception_crop'``: the Inception / ``RandomResizedCrop`` crop of the official SAF code
+  (timm): a box of 8-100% of the image area and aspect ratio in [3/4, 4/3], drawn by
+  ``tf.image.stateless_sample_distorted_bounding_box`` (the whole image if 10 draws fail),
+  decoded from the JPEG, resized to ``image_size`` square (bilinear), then a random
+  horizontal flip. The draws depend only on ``(seed, epoch, index)``.
+* ``'none'``: the evaluation transform below, for training as well.
+
+Evaluation: the center square of side ``image_size / (image_size + 32)`` of the shorter side
+(224 px of 256: crop fraction 0.875) is decoded and resized to ``image_size``, the crop-then-
+resize form of "resize to 256, center-crop 224".
+
+Example::
+
+  datasets = streaming.create_streamed_datasets(config.input, seed=config.seed)
+  for batch in datasets.train_epoch(epoch, batch_size=256):
+    ...  # batch['image']: float32 [256, 224, 224, 3]; 'label', 'index': int32 [256]
+
+References:
+  Du et al., `Sharpness-Aware Training for Free <https://arxiv.org/abs/2205.14083>`_, 2022
+  (ImageNet setup: Sec. 5 and Table 5).
+  Szegedy et al., `Going Deeper with Convolutions <https://arxiv.org/abs/1409.4842>`_, 2015
+  (the crop).
+"""
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from saf_jax import input_pipeline, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Where a streamed dataset's splits are and how to normalise its pixels."""
+
+  train_split: str
+  test_split: str
+  mean: tuple[float, float, float]  # Per-channel, [0, 1] units.
+  std: tuple[float, float, float]
+
+
+# TFDS name -> splits and channel statistics. ImageNet has no labelled test split: the
+# validation split is the test set, as in the paper.
+SPECS = {
+  'imagenet2012': _Spec('train', 'validation', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+DATASETS = tuple(sorted(SPECS))
+AUGMENTATIONS = ('inception_crop', 'none')
+DEFAULT_IMAGE_SIZE = 224  # Pixels, used when config.input.image_size is -1.
+# Eval crop: image_size / (image_size + EVAL_CROP_PADDING) of the shorter side (224 of 256).
+EVAL_CROP_PADDING = 32
+DEFAULT_SHUFFLE_BUFFER = 16_384  # Encoded examples, about 1.8 GB of ImageNet JPEGs.
+
+# Inception crop: fraction of the image area and aspect-ratio range (timm's RandomResizedCrop).
+_AREA_RANGE = (0.08, 1.0)
+_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+_CROP_ATTEMPTS = 10
+
+# Stream ids folded into the (seed, epoch) key per example, one per use of randomness.
+_CROP_STREAM = 0
+_FLIP_STREAM = 1
+
+
+class StreamedDatasets:
+  """Train and test splits streamed from TFDS files, with stable example ids.
+
+  The same interface as :class:`saf_jax.input_pipeline.Datasets`. Build with
+  :func:`create_streamed_datasets`.
+
+  Attributes:
+    info: sizes and shapes of the splits served.
+    augment: one of ``AUGMENTATIONS``, applied to train batches only.
+    image_size: side of the square images served, pixels.
+    shuffle_buffer: encoded examples in the shuffle buffer of each process.
+    seed: seed of the train order and augmentation.
+  """
+
+  def __init__(
+    self,
+    *,
+    builder: tfds.core.DatasetBuilder,
+    spec: _Spec,
+    info: input_pipeline.DatasetInfo,
+    train_offsets: np.ndarray,
+    test_offsets: np.ndarray,
+    augment: str,
+    shuffle_buffer: int,
+    seed: int,
+  ):
+    """Stores what the iterators need; reads nothing.
+
+    Args:
+      builder: a builder whose splits can be read.
+      spec: the dataset's splits and channel statistics.
+      info: sizes and shapes served; ``image_shape`` is ``(size, size, 3)``.
+      train_offsets: int64 [shards], the first id of each train shard.
+      test_offsets: int64 [shards], the first id of each test shard.
+      augment: one of ``AUGMENTATIONS``.
+      shuffle_buffer: encoded examples in the shuffle buffer, >= 1.
+      seed: seed of the train order and augmentation.
+    """
+    self.info = info
+    self.augment = augment
+    self.image_size = info.image_shape[0]
+    self.shuffle_buffer = shuffle_buffer
+    self.seed = seed
+    self._builder = builder
+    self._spec = spec
+    self._train_offsets = tf.constant(train_offsets, tf.int64)
+    self._test_offsets = tf.constant(test_offsets, tf.int64)
+    self._mean = tf.constant(spec.mean, tf.float32)
+    self._std = tf.constant(spec.std, tf.float32)
+
+  def train_epoch(
+    self,
+    epoch: int,
+    *,
+    batch_size: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates over one epoch of shuffled, augmented train batches of one process.
+
+    Process ``p`` of ``P`` reads the ids ``sharding.process_partition(num_train, p, P)``
+    in every epoch, in an order fixed by ``(seed, epoch, p)``; the last
+    ``partition size % batch_size`` examples of that order are dropped. Calling this again
+    with the same arguments gives the same batches.
+
+    Args:
+      epoch: epoch number, counting from 1.
+      batch_size: examples per batch of this process (the global batch over ``P``).
+      start_batch: batches of the epoch to skip (already trained before a resume). Skipped
+        examples are read from disk but not decoded.
+      process_index: this process, in ``[0, process_count)``.
+      process_count: number of processes ``P`` feeding one global batch.
+
+    Returns:
+      An iterator over ``partition size // batch_size - start_batch`` dicts: ``'image'``
+      float32 [batch_size, S, S, 3] normalised by the dataset's channel mean and std,
+      ``'label'`` int32 [batch_size], ``'index'`` int32 [batch_size], each example's id.
+
+    Raises:
+      ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, partition size]`` or
+        ``start_batch`` is not in ``[0, batches per epoch]``.
+    """
+    if epoch < 1:
+      raise ValueError(f'Epochs count from 1, got epoch={epoch}.')
+    first_id, num_ids = sharding.process_partition(
+      self.info.num_train, process_index, process_count
+    )
+    if not 1 <= batch_size <= num_ids:
+      raise ValueError(
+        f'batch_size must be in [1, {num_ids}] (the training examples of one of '
+        f'{process_count} processes), got {batch_size}.'
+      )
+    num_batches = num_ids // batch_size
+    if not 0 <= start_batch <= num_batches:
+      raise ValueError(
+        f'start_batch must be in [0, {num_batches}] (batches per epoch), got {start_batch}.'
+      )
+    file_seed, buffer_seed = np.random.SeedSequence(
+      [self.seed, epoch, process_index]
+    ).generate_state(2)
+    ds = self._read(
+      f'{self._spec.train_split}[{first_id}:{first_id + num_ids}]',
+      self._train_offsets,
+      tfds.ReadConfig(
+        add_tfds_id=True,
+        shuffle_seed=int(file_seed),
+        options=_deterministic_options(),
+      ),
+      shuffle_files=True,
+    )
+    ds = ds.shuffle(self.shuffle_buffer, seed=int(buffer_seed), reshuffle_each_iteration=False)
+    ds = ds.take(num_batches * batch_size).skip(start_batch * batch_size)
+    epoch_key = tf.constant([self.seed, epoch], tf.int64)
+
+    def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      if self.augment == 'none':
+        image = self._center_crop(example['image'])
+      else:
+        key = tf.random.experimental.stateless_fold_in(epoch_key, example['index'], alg='philox')
+        image = self._inception_crop(example['image'], key)
+      return self._output(image, example)
+
+    return self._batches(ds, transform, batch_size, drop_remainder=True)
+
+  def train_subset_batches(
+    self, *, num_batches: int, batch_size: int, seed: int
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """A fixed subset of the train split, center-cropped and unaugmented, for measurements.
+
+    The subset is the first ``num_batches * batch_size`` examples read from the train
+    files in an order shuffled by ``seed`` alone, one file after another (TFDS wrote each
+    file's examples in random order). So it is the same for every method and seed of
+    ``self.seed``, and reading it touches only a few files.
+
+    Args:
+      num_batches: number of batches, >= 1.
+      batch_size: examples per batch.
+      seed: picks the subset.
+
+    Returns:
+      An iterator over ``num_batches`` dicts like :meth:`train_epoch`'s, without
+      augmentation.
+
+    Raises:
+      ValueError: if ``num_batches < 1``, ``batch_size < 1`` or the subset is larger than
+        the train split.
+    """
+    num_train = self.info.num_train
+    if num_batches < 1 or batch_size < 1 or num_batches * batch_size > num_train:
+      raise ValueError(
+        f'A subset of num_batches={num_batches} x batch_size={batch_size} examples needs '
+        f'both >= 1 and at most num_train={num_train} examples.'
+      )
+    ds = self._read(
+      f'{self._spec.train_split}[:{num_train}]',
+      self._train_offsets,
+      tfds.ReadConfig(
+        add_tfds_id=True,
+        shuffle_seed=seed,
+        interleave_cycle_length=1,
+        options=_deterministic_options(),
+      ),
+      shuffle_files=True,
+    ).take(num_batches * batch_size)
+
+    def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      return self._output(self._center_crop(example['image']), example)
+
+    return self._batches(ds, transform, batch_size, drop_remainder=True)
+
+  def test_batches(
+    self, *, batch_size: int, process_index: int = 0, process_count: int = 1
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates once, in TFDS order and center-cropped, over this process's test examples.
+
+    The test split is cut into ``process_count`` contiguous blocks whose sizes differ by at
+    most one; process ``p`` reads block ``p``. Every process yields the same number of
+    batches, ``ceil(ceil(num_test / P) / batch_size)``, padding its last ones, so that
+    together they form global batches that cover each test example exactly once.
+
+    Args:
+      batch_size: examples per batch of this process; the last batch is padded up to it.
+      process_index: this process, in ``[0, process_count)``.
+      process_count: number of processes ``P``.
+
+    Returns:
+      An iterator of dicts: ``'image'`` float32 [batch_size, S, S, 3] normalised,
+      ``'label'`` int32 [batch_size], ``'index'`` int32 [batch_size] (test ids), ``'mask'``
+      float32 [batch_size], 1 for real examples and 0 for padding. Padding rows have image
+      0, label 0 and index -1.
+
+    Raises:
+      ValueError: if ``batch_size < 1``.
+    """
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be positive, got {batch_size}.')
+    first, last, num_batches = input_pipeline.test_block(
+      self.info.num_test, batch_size, process_index, process_count
+    )
+    # TFDS refuses an empty slice: an empty block reads one example and keeps none.
+    block = f'[{first}:{last}]' if last > first else '[0:1]'
+    ds = self._read(
+      self._spec.test_split + block,
+      self._test_offsets,
+      tfds.ReadConfig(
+        add_tfds_id=True, interleave_cycle_length=1, options=_deterministic_options()
+      ),
+      shuffle_files=False,
+    ).take(last - first)
+
+    def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      return self._output(self._center_crop(example['image']), example)
+
+    def pad(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      return input_pipeline.pad_batch(batch, [batch_size, *self.info.image_shape])
+
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size)
+    ds = input_pipeline.pad_with_empty_batches(
+      ds, num_real=last - first, batch_size=batch_size, num_batches=num_batches
+    )
+    return ds.map(pad).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def _read(
+    self, split: str, offsets: tf.Tensor, read_config: tfds.ReadConfig, *, shuffle_files: bool
+  ) -> tf.data.Dataset:
+    """Encoded examples of ``split`` as ``{'image': JPEG bytes, 'label', 'index'}``."""
+    ds = self._builder.as_dataset(
+      split=split,
+      shuffle_files=shuffle_files,
+      read_config=read_config,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
+    return ds.map(
+      lambda ex: {
+        'image': ex['image'],
+        'label': tf.cast(ex['label'], tf.int32),
+        'index': dense_ids(ex['tfds_id'], offsets),
+      },
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
+
+  def _batches(
+    self, ds: tf.data.Dataset, transform, batch_size: int, *, drop_remainder: bool
+  ) -> Iterator[dict[str, np.ndarray]]:
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def _output(self, image: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Normalises a float32 [S, S, 3] image in [0, 255] and attaches label and index."""
+    size = self.image_size
+    image = tf.ensure_shape(image, [size, size, 3])
+    return {
+      'image': (image / 255.0 - self._mean) / self._std,
+      'label': example['label'],
+      'index': tf.cast(example['index'], tf.int32),
+    }
+
+  def _inception_crop(self, jpeg: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+    """Random-resized crop and flip of one JPEG, keyed by ``key`` (int64 [2]).
+
+    Returns:
+      float32 [S, S, 3], pixel values in [0, 255].
+    """
+    shape = tf.io.extract_jpeg_shape(jpeg)
+    begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape,
+      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+      seed=tf.random.experimental.stateless_fold_in(key, _CROP_STREAM, alg='philox'),
+      min_object_covered=0.0,
+      aspect_ratio_range=_ASPECT_RATIO_RANGE,
+      area_range=_AREA_RANGE,
+      max_attempts=_CROP_ATTEMPTS,
+      use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], box[0], box[1]])
+    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+    image = tf.image.resize(image, [self.image_size, self.image_size], method='bilinear')
+    flip_seed = tf.random.experimental.stateless_fold_in(key, _FLIP_STREAM, alg='philox')
+    flip = tf.random.stateless_uniform([], seed=flip_seed, alg='philox') < 0.5
+    return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+  def _center_crop(self, jpeg: tf.Tensor) -> tf.Tensor:
+    """The evaluation crop of one JPEG: float32 [S, S, 3], pixel values in [0, 255]."""
+    shape = tf.io.extract_jpeg_shape(jpeg)
+    height, width = shape[0], shape[1]
+    fraction = self.image_size / (self.image_size + EVAL_CROP_PADDING)
+    side = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    side = tf.maximum(side, 1)
+    window = tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+    return tf.image.resize(image, [self.image_size, self.image_size], method='bilinear')
+
+
+def dense_ids(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
+  """Maps TFDS example ids to positions in the split's TFDS order.
+
+  Args:
+    tfds_id: string tensor of any shape, ids as TFDS writes them with
+      ``ReadConfig(add_tfds_id=True)``, e.g. ``b'imagenet2012-train.tfrecord-00007-of-01024__12'``
+      (shard 7, 13th example of that shard).
+    offsets: int64 [num_shards], the first id of each shard (cumulative shard lengths).
+
+  Returns:
+    int64, the same shape: ``offsets[shard] + position in shard``.
+
+  Raises:
+    tf.errors.InvalidArgumentError: (when run) for an id not of that form, or a shard
+      number outside ``offsets``.
+  """
+  shard = tf.strings.regex_replace(tfds_id, r'^.*-(\d+)-of-\d+__\d+$', r'\1')
+  position = tf.strings.regex_replace(tfds_id, r'^.*__(\d+)$', r'\1')
+  shard = tf.strings.to_number(shard, tf.int64)
+  return tf.gather(offsets, shard) + tf.strings.to_number(position, tf.int64)
+
+
+def _deterministic_options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def _shard_offsets(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, int | None]:
+  """First id of each shard of ``split`` and its size; ``([0], None)`` when not recorded.
+
+  ``tfds.testing.mock_data`` records no split: it serves one file whose ids start at 0.
+  """
+  if split not in builder.info.splits:
+    return np.zeros([1], np.int64), None
+  lengths = np.asarray(builder.info.splits[split].shard_lengths, np.int64)
+  return np.concatenate([[0], np.cumsum(lengths)[:-1]]), int(lengths.sum())
+
+
+def create_streamed_datasets(
+  input_config: ml_collections.ConfigDict, *, seed: int
+) -> StreamedDatasets:
+  """Opens a streamed dataset, preparing it first from a manual download if needed.
+
+  Args:
+    input_config: ``config.input`` with fields ``dataset`` (one of ``DATASETS``),
+      ``data_dir`` (str, or None for the TFDS default), ``num_train_examples`` /
+      ``num_test_examples`` (int; -1 for the whole split, else the first N in TFDS order),
+      ``augment`` (one of ``AUGMENTATIONS``), ``image_size`` (pixels; -1 for
+      ``DEFAULT_IMAGE_SIZE``) and ``shuffle_buffer`` (encoded examples, >= 1).
+    seed: seed of the train order and augmentation.
+
+  Returns:
+    The datasets; ``info.image_shape`` is ``(image_size, image_size, 3)``.
+
+  Raises:
+    ValueError: if a field of ``input_config`` has an unsupported value, or asks for more
+      examples than a split has.
+    DataNotFoundError: if the dataset is not prepared in ``data_dir`` and its manual
+      download is not there either.
+  """
+  name = input_config.dataset
+  if name not in SPECS:
+    raise ValueError(f'config.input.dataset={name!r} is not streamed; use one of {DATASETS}.')
+  if input_config.augment not in AUGMENTATIONS:
+    raise ValueError(
+      f'config.input.augment={input_config.augment!r} is not supported for {name}; use one '
+      f'of {list(AUGMENTATIONS)}.'
+    )
+  image_size = input_config.get('image_size', -1)
+  if image_size == -1:
+    image_size = DEFAULT_IMAGE_SIZE
+  shuffle_buffer = input_config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER)
+  if image_size < 1 or shuffle_buffer < 1:
+    raise ValueError(
+      f'config.input.image_size (-1 or >= 1 pixels) and config.input.shuffle_buffer (>= 1 '
+      f'examples) are {input_config.get("image_size")} and {shuffle_buffer}.'
+    )
+  spec = SPECS[name]
+  builder = input_pipeline.ready_builder(name, data_dir=input_config.data_dir)
+  train_offsets, num_train = _shard_offsets(builder, spec.train_split)
+  test_offsets, num_test = _shard_offsets(builder, spec.test_split)
+  sizes = {}
+  for split, field, available in (
+    (spec.train_split, 'num_train_examples', num_train),
+    (spec.test_split, 'num_test_examples', num_test),
+  ):
+    wanted = input_config[field]
+    if wanted != -1 and wanted < 1:
+      raise ValueError(f'config.input.{field} must be -1 (all) or positive, got {wanted}.')
+    if available is None and wanted == -1:
+      raise ValueError(
+        f'The {split} split of {name} records no size in {builder.data_dir}: set '
+        f'config.input.{field}.'
+      )
+    if available is not None and wanted > available:
+      raise ValueError(
+        f'config.input.{field}={wanted} but the {split} split of {name} has only '
+        f'{available} examples.'
+      )
+    sizes[field] = available if wanted == -1 else wanted
+  info = input_pipeline.DatasetInfo(
+    name=name,
+    num_train=sizes['num_train_examples'],
+    num_test=sizes['num_test_examples'],
+    num_classes=builder.info.features['label'].num_classes,
+    image_shape=(image_size, image_size, 3),
+  )
+  logging.info(
+    'Streaming %s from %s: %s, shuffle buffer %d.',
+    name,
+    os.fspath(builder.data_dir),
+    info,
+    shuffle_buffer,
+  )
+  return StreamedDatasets(
+    builder=builder,
+    spec=spec,
+    info=info,
+    train_offsets=train_offsets,
+    test_offsets=test_offsets,
+    augment=input_config.augment,
+    shuffle_buffer=shuffle_buffer,
+    seed=seed,
+  )
