@@ -60,6 +60,22 @@ def parse_args(arg: str | None, defaults: dict, choices: dict) -> dict:
   return parsed
 
 
+def one_step_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a paper config, in place, to one step of batch 4 on 4 examples, full-size model.
+
+  The trajectory loss is on from that step (``E_start = 0``), so it is compiled and run.
+  """
+  config.num_epochs = 1
+  config.log_every_steps = 1
+  config.input.batch_size = 4
+  config.input.eval_batch_size = 4
+  config.input.num_train_examples = 4
+  config.input.num_test_examples = 4
+  config.analysis.sharpness_every_epochs = 0
+  config.method.saf.E_start = 0
+  config.method.mesa.E_start = 0
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` as described in the module docstring."""
   args = parse_args(arg, {'method': 'saf', 'smoke': False}, {'method': train_steps.METHODS})

@@ -135,15 +135,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.analysis.sharpness_num_batches = 1
 
   if args['smoke']:
-    config.num_epochs = 1
-    config.log_every_steps = 1
-    config.input.batch_size = 4
-    config.input.eval_batch_size = 4
-    config.input.num_train_examples = 4
-    config.input.num_test_examples = 4
+    default.one_step_smoke(config)
     config.input.image_size = 32
     config.input.shuffle_buffer = 4
     config.optimizer.warmup_epochs = 0
-    config.method.saf.E_start = 0  # Compile and run the trajectory loss in that one step.
-    config.method.mesa.E_start = 0
   return config

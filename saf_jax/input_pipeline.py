@@ -224,21 +224,9 @@ class Datasets:
       ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, partition size]`` or
         ``start_batch`` is not in ``[0, batches per epoch]``.
     """
-    if epoch < 1:
-      raise ValueError(f'Epochs count from 1, got epoch={epoch}.')
-    first_id, num_ids = sharding.process_partition(
-      self.info.num_train, process_index, process_count
+    first_id, num_ids, _ = epoch_partition(
+      self.info.num_train, epoch, batch_size, start_batch, process_index, process_count
     )
-    if not 1 <= batch_size <= num_ids:
-      raise ValueError(
-        f'batch_size must be in [1, {num_ids}] (the training examples of one of '
-        f'{process_count} processes), got {batch_size}.'
-      )
-    if not 0 <= start_batch <= num_ids // batch_size:
-      raise ValueError(
-        f'start_batch must be in [0, {num_ids // batch_size}] (batches per epoch), '
-        f'got {start_batch}.'
-      )
     num_train = self.info.num_train
     height, width, _ = self.info.image_shape
     epoch_key = tf.constant([self.seed, epoch], dtype=tf.int64)
@@ -367,7 +355,7 @@ class Datasets:
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
     height, width, channels = self.info.image_shape
-    first, last, num_batches = test_block(
+    first, last, num_batches = process_test_block(
       self.info.num_test, batch_size, process_index, process_count
     )
 
@@ -393,7 +381,41 @@ class Datasets:
     return (tf.cast(images, tf.float32) / 255.0 - self._mean) / self._std
 
 
-def test_block(
+def epoch_partition(
+  num_train: int,
+  epoch: int,
+  batch_size: int,
+  start_batch: int,
+  process_index: int,
+  process_count: int,
+) -> tuple[int, int, int]:
+  """Checks ``train_epoch``'s arguments; returns its process's ids and batches.
+
+  Returns:
+    ``(first_id, num_ids, num_batches)``: the ids ``sharding.process_partition(num_train,
+    process_index, process_count)`` and the ``num_ids // batch_size`` batches of an epoch.
+
+  Raises:
+    ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, num_ids]`` or
+      ``start_batch`` is not in ``[0, num_batches]``.
+  """
+  if epoch < 1:
+    raise ValueError(f'Epochs count from 1, got epoch={epoch}.')
+  first_id, num_ids = sharding.process_partition(num_train, process_index, process_count)
+  if not 1 <= batch_size <= num_ids:
+    raise ValueError(
+      f'batch_size must be in [1, {num_ids}] (the training examples of one of '
+      f'{process_count} processes), got {batch_size}.'
+    )
+  num_batches = num_ids // batch_size
+  if not 0 <= start_batch <= num_batches:
+    raise ValueError(
+      f'start_batch must be in [0, {num_batches}] (batches per epoch), got {start_batch}.'
+    )
+  return first_id, num_ids, num_batches
+
+
+def process_test_block(
   num_test: int, batch_size: int, process_index: int, process_count: int
 ) -> tuple[int, int, int]:
   """The test ids ``[first, last)`` of one process and the batches every process yields.
@@ -411,7 +433,7 @@ def pad_with_empty_batches(
 ) -> tf.data.Dataset:
   """Appends empty batches to ``batches`` (of ``num_real`` examples) up to ``num_batches``.
 
-  So that every process yields as many test batches (see :func:`test_block`); each
+  So that every process yields as many test batches (see :func:`process_test_block`); each
   batch is padded to full size afterwards.
   """
   missing = num_batches - (-(-num_real // batch_size))

@@ -59,7 +59,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from saf_jax import input_pipeline, sharding
+from saf_jax import input_pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,21 +177,9 @@ class StreamedDatasets:
       ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, partition size]`` or
         ``start_batch`` is not in ``[0, batches per epoch]``.
     """
-    if epoch < 1:
-      raise ValueError(f'Epochs count from 1, got epoch={epoch}.')
-    first_id, num_ids = sharding.process_partition(
-      self.info.num_train, process_index, process_count
+    first_id, num_ids, num_batches = input_pipeline.epoch_partition(
+      self.info.num_train, epoch, batch_size, start_batch, process_index, process_count
     )
-    if not 1 <= batch_size <= num_ids:
-      raise ValueError(
-        f'batch_size must be in [1, {num_ids}] (the training examples of one of '
-        f'{process_count} processes), got {batch_size}.'
-      )
-    num_batches = num_ids // batch_size
-    if not 0 <= start_batch <= num_batches:
-      raise ValueError(
-        f'start_batch must be in [0, {num_batches}] (batches per epoch), got {start_batch}.'
-      )
     file_seed, buffer_seed = np.random.SeedSequence(
       [self.seed, epoch, process_index]
     ).generate_state(2)
@@ -224,23 +212,11 @@ class StreamedDatasets:
   ) -> Iterator[dict[str, np.ndarray]]:
     """A fixed subset of the train split, center-cropped and unaugmented, for measurements.
 
-    The subset is the first ``num_batches * batch_size`` examples read from the train
-    files in an order shuffled by ``seed`` alone, one file after another (TFDS wrote each
-    file's examples in random order). So it is the same for every method and seed of
-    ``self.seed``, and reading it touches only a few files.
-
-    Args:
-      num_batches: number of batches, >= 1.
-      batch_size: examples per batch.
-      seed: picks the subset.
-
-    Returns:
-      An iterator over ``num_batches`` dicts like :meth:`train_epoch`'s, without
-      augmentation.
-
-    Raises:
-      ValueError: if ``num_batches < 1``, ``batch_size < 1`` or the subset is larger than
-        the train split.
+    As :meth:`saf_jax.input_pipeline.Datasets.train_subset_batches` (same arguments,
+    batches and errors), but the subset is the first ``num_batches * batch_size`` examples
+    read from the train files in an order shuffled by ``seed`` alone, one file after
+    another (TFDS wrote each file's examples in random order). So it is the same for every
+    method and every ``self.seed``, and reading it touches only a few files.
     """
     num_train = self.info.num_train
     if num_batches < 1 or batch_size < 1 or num_batches * batch_size > num_train:
@@ -270,28 +246,17 @@ class StreamedDatasets:
   ) -> Iterator[dict[str, np.ndarray]]:
     """Iterates once, in TFDS order and center-cropped, over this process's test examples.
 
-    The test split is cut into ``process_count`` contiguous blocks whose sizes differ by at
-    most one; process ``p`` reads block ``p``. Every process yields the same number of
-    batches, ``ceil(ceil(num_test / P) / batch_size)``, padding its last ones, so that
-    together they form global batches that cover each test example exactly once.
-
-    Args:
-      batch_size: examples per batch of this process; the last batch is padded up to it.
-      process_index: this process, in ``[0, process_count)``.
-      process_count: number of processes ``P``.
-
-    Returns:
-      An iterator of dicts: ``'image'`` float32 [batch_size, S, S, 3] normalised,
-      ``'label'`` int32 [batch_size], ``'index'`` int32 [batch_size] (test ids), ``'mask'``
-      float32 [batch_size], 1 for real examples and 0 for padding. Padding rows have image
-      0, label 0 and index -1.
+    The contract of :meth:`saf_jax.input_pipeline.Datasets.test_batches`: process ``p``
+    reads block ``p`` of :func:`~saf_jax.input_pipeline.process_test_block`, every process yields
+    the same number of batches, and the last ones are padded (``'mask'`` 0, index -1).
+    Images are float32 [batch_size, S, S, 3], normalised.
 
     Raises:
       ValueError: if ``batch_size < 1``.
     """
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
-    first, last, num_batches = input_pipeline.test_block(
+    first, last, num_batches = input_pipeline.process_test_block(
       self.info.num_test, batch_size, process_index, process_count
     )
     # TFDS refuses an empty slice: an empty block reads one example and keeps none.

@@ -49,25 +49,6 @@ def test_cifar_config_arguments_are_checked():
     cifar.get_config('epochs=3')
 
 
-@pytest.mark.parametrize(
-  'dataset, model, method',
-  [
-    ('cifar10', 'resnet18', 'saf'),
-    ('cifar100', 'wrn28_10', 'mesa'),
-    ('cifar10', 'pyramidnet110', 'sam'),
-  ],
-)
-def test_cifar_smoke_config_trains_one_step(dataset, model, method, tmp_path):
-  config = cifar.get_config(f'dataset={dataset},model={model},method={method},smoke')
-  workdir = str(tmp_path / 'run')
-  with _MOCK_DATA(num_examples=4):
-    record = train.train_and_evaluate(config, workdir)
-  assert record['step'] == 1
-  assert record['train/trajectory_active'] == int(method in ('saf', 'mesa'))
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['model']['name'] == model
-
-
 @pytest.mark.parametrize('model', imagenet.MODELS)
 @pytest.mark.parametrize('method', ['sgd', 'sam', 'saf', 'mesa'])
 def test_imagenet_configs_carry_table_5(model, method):
@@ -102,17 +83,26 @@ def test_imagenet_config_arguments_are_checked():
 
 
 @pytest.mark.parametrize(
-  'model, method',
-  [('resnet50', 'saf'), ('resnet101', 'sam'), ('resnet152', 'sgd'), ('vit_s32', 'mesa')],
+  'config_module, arg, dataset',
+  [
+    (cifar, 'dataset=cifar10,model=resnet18,method=saf', 'cifar10'),
+    (cifar, 'dataset=cifar100,model=wrn28_10,method=mesa', 'cifar100'),
+    (cifar, 'dataset=cifar10,model=pyramidnet110,method=sam', 'cifar10'),
+    (imagenet, 'model=resnet50,method=saf', 'imagenet2012'),
+    (imagenet, 'model=resnet101,method=sam', 'imagenet2012'),
+    (imagenet, 'model=resnet152,method=sgd', 'imagenet2012'),
+    (imagenet, 'model=vit_s32,method=mesa', 'imagenet2012'),
+  ],
 )
-def test_imagenet_smoke_config_trains_one_step(model, method, tmp_path):
-  config = imagenet.get_config(f'model={model},method={method},smoke')
+def test_smoke_config_trains_one_step(config_module, arg, dataset, tmp_path):
+  config = config_module.get_config(f'{arg},smoke')
   workdir = str(tmp_path / 'run')
   with _MOCK_DATA(num_examples=4):
     record = train.train_and_evaluate(config, workdir)
+  method = config.method.name
   assert record['step'] == 1
   assert record['train/trajectory_active'] == int(method in ('saf', 'mesa'))
-  assert 'test_ema/accuracy' in record if method == 'mesa' else 'test_ema/accuracy' not in record
+  assert ('test_ema/accuracy' in record) == (method == 'mesa')
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
-  assert (saved['model']['name'], saved['input']['dataset']) == (model, 'imagenet2012')
+  assert (saved['model']['name'], saved['input']['dataset']) == (config.model.name, dataset)
