@@ -65,8 +65,10 @@ except RuntimeError as e:  # TF was initialised before this import; it may alrea
 FASHION_MNIST_IDX_DIR = '/usr/share/datasets/fashion-mnist'
 
 AUGMENTATIONS = ('none', 'flip', 'crop_flip')
-# TFDS datasets streamed from their files instead of held in memory (saf_jax.streaming).
+# TFDS datasets streamed from their files instead of held in memory (saf_jax.streaming),
+# and their augmentations.
 STREAMED_DATASETS = ('imagenet2012',)
+STREAMED_AUGMENTATIONS = ('inception_crop', 'none')
 
 # The SAF paper's "basic data augmentation" per dataset, for configs to copy. Digits are not
 # flip-symmetric, so MNIST gets none.
@@ -517,9 +519,7 @@ def _crop_and_flip(
 
 def augmentations(dataset: str) -> tuple[str, ...]:
   """The values of ``config.input.augment`` that ``dataset`` (a TFDS name or folder) takes."""
-  if dataset in STREAMED_DATASETS:
-    return ('inception_crop', 'none')  # saf_jax.streaming.AUGMENTATIONS, without importing it.
-  return AUGMENTATIONS
+  return STREAMED_AUGMENTATIONS if dataset in STREAMED_DATASETS else AUGMENTATIONS
 
 
 def create_datasets(
@@ -527,6 +527,7 @@ def create_datasets(
   *,
   seed: int,
   fashion_mnist_idx_dir: str = FASHION_MNIST_IDX_DIR,
+  process_count: int = 1,
 ):
   """Loads the train and test splits into memory, preparing the dataset first if needed.
 
@@ -542,6 +543,8 @@ def create_datasets(
     seed: seed of the train order and augmentation.
     fashion_mnist_idx_dir: folder with Fashion-MNIST's gzipped IDX files, used to write the
       TFDS dataset when it is missing.
+    process_count: processes of the run; with more than one, an unprepared ImageNet is
+      refused rather than prepared by each process at once.
 
   Returns:
     The datasets, with ``info`` describing what is served: a :class:`Datasets`, or a
@@ -556,7 +559,7 @@ def create_datasets(
   if name in STREAMED_DATASETS:
     from saf_jax import streaming  # It builds on this module.
 
-    return streaming.create_streamed_datasets(input_config, seed=seed)
+    return streaming.create_streamed_datasets(input_config, seed=seed, process_count=process_count)
   if name not in _CHANNEL_STATS and not name.startswith(FOLDER_PREFIX):
     raise ValueError(
       f'config.input.dataset={name!r} is not supported; use one of {list(DATASETS)} '
@@ -747,13 +750,17 @@ def _load_split(
 
 
 def ready_builder(
-  name: str, *, data_dir: str | None, fashion_mnist_idx_dir: str = FASHION_MNIST_IDX_DIR
+  name: str,
+  *,
+  data_dir: str | None,
+  fashion_mnist_idx_dir: str = FASHION_MNIST_IDX_DIR,
+  process_count: int = 1,
 ) -> tfds.core.DatasetBuilder:
   """Returns a builder whose splits can be read, preparing the dataset if needed.
 
   Fashion-MNIST is written from Debian's IDX files; a dataset with a manual download
   (ImageNet) is prepared from ``<data_dir>/downloads/manual`` as TFDS documents, when its
-  files are there; any other is downloaded.
+  files are there and ``process_count`` is 1; any other is downloaded.
 
   Raises:
     DataNotFoundError: if the dataset is not prepared and cannot be, saying what to do.
@@ -766,11 +773,13 @@ def ready_builder(
   if name == 'fashion_mnist' and _has_fashion_mnist_idx(fashion_mnist_idx_dir):
     _store_fashion_mnist(builder, idx_dir=fashion_mnist_idx_dir)
     builder = tfds.builder(name, data_dir=data_dir)
-  elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (
-    os.path.isdir(manual_dir) and os.listdir(manual_dir)
+  elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS and (
+    process_count > 1 or not (os.path.isdir(manual_dir) and os.listdir(manual_dir))
   ):
+    # Several processes would each prepare it for hours and race to rename the result.
+    once = ' Prepare it once before a multi-process run.' if process_count > 1 else ''
     raise DataNotFoundError(
-      f'Dataset {name!r} is not prepared in data_dir {data_dir_root!r}. '
+      f'Dataset {name!r} is not prepared in data_dir {data_dir_root!r}.{once} '
       + _how_to_provide(name, data_dir_root, fashion_mnist_idx_dir)
     )
   else:

@@ -1,10 +1,10 @@
 r"""Streamed input pipeline for TFDS datasets too large for memory: ImageNet (``imagenet2012``).
 
 The JPEG-encoded examples are read from the TFDS files every epoch; nothing is held in memory
-but a shuffle buffer of encoded examples. Each example still carries a stable, dense ``index``
-for SAF's table of past logits: its position in the split's TFDS order, computed from the
-``tfds_id`` TFDS attaches (``<file>-<shard>-of-<shards>__<position in shard>``) and the shard
-lengths TFDS records, so it does not depend on the order in which files are read::
+but one shuffle window of encoded examples. Each example still carries a stable, dense
+``index`` for SAF's table of past logits: its position in the split's TFDS order, computed
+from the ``tfds_id`` TFDS attaches (``<file>-<shard>-of-<shards>__<position in shard>``) and
+the shard lengths TFDS records, so it does not depend on the order in which files are read::
 
   index = sum(shard_lengths[:shard]) + position in shard           # in [0, num_train)
 
@@ -12,29 +12,33 @@ Process ``p`` of ``P`` reads the split slice ``train[a:a + n]`` with ``(a, n) =
 sharding.process_partition(num_train, p, P)``: exactly the ids of its SAF table rows. One
 epoch of process ``p``::
 
-  files of its slice, order shuffled by (seed, epoch, p)
-    -> interleaved -> shuffle buffer of encoded examples, seeded by (seed, epoch, p)
+  files of its slice, in an order drawn by numpy from (seed, epoch, p)
+    -> 16 files interleaved
+    -> windows of shuffle_buffer encoded examples, each permuted by (seed, epoch, p, window)
     -> the first (n // batch) * batch examples       # each id at most once; the rest dropped
     -> skip start_batch * batch                      # resume: skipped before any decoding
     -> decode + Inception crop + flip keyed by (seed, epoch, index) -> batch
 
-The order is a fixed function of ``(seed, epoch, p)`` and the files, so an epoch can be
-replayed or resumed from any batch. A random example order from a buffer of
-``shuffle_buffer`` examples is the usual approximation to a full permutation on ImageNet
-(TFDS already shuffled the examples when it wrote the files).
+Every random choice is stateless, so the order is a fixed function of ``(seed, epoch, p)``
+and the files, whatever TensorFlow's global seed: an epoch can be replayed or resumed from
+any batch (with the same TensorFlow version). Shuffled files plus shuffled windows are the
+usual approximation to a full permutation on ImageNet (TFDS already shuffled the examples
+when it wrote the files).
 
 Augmentation (``config.input.augment``):
 
-* ``'inception_crop'``: the Inception / ``RandomResizedCrop`` crop of the official SAF code
-  (timm): a box of 8-100% of the image area and aspect ratio in [3/4, 4/3], drawn by
-  ``tf.image.stateless_sample_distorted_bounding_box`` (the whole image if 10 draws fail),
-  decoded from the JPEG, resized to ``image_size`` square (bilinear), then a random
-  horizontal flip. The draws depend only on ``(seed, epoch, index)``.
+* ``'inception_crop'``: TensorFlow's Inception crop (:func:`inception_crop_window`): a box of
+  8-100% of the image area and aspect ratio in [3/4, 4/3] (the ranges of timm's
+  ``RandomResizedCrop``, which the official SAF code uses, though timm draws the box
+  differently and falls back to a center crop), decoded from the JPEG, resized to
+  ``image_size`` square (bilinear, no antialiasing), then a random horizontal flip; all
+  keyed by ``(seed, epoch, index)``. The official code also applies colour jitter (0.4) and
+  a random bilinear/bicubic resize; this pipeline does not.
 * ``'none'``: the evaluation transform below, for training as well.
 
-Evaluation: the center square of side ``image_size / (image_size + 32)`` of the shorter side
-(224 px of 256: crop fraction 0.875) is decoded and resized to ``image_size``, the crop-then-
-resize form of "resize to 256, center-crop 224".
+Evaluation (:func:`center_crop_window`): the center square of side ``image_size /
+(image_size + 32)`` of the shorter side (224 px of 256: crop fraction 0.875) is decoded and
+resized to ``image_size``, the crop-then-resize form of "resize to 256, center-crop 224".
 
 Example::
 
@@ -78,11 +82,11 @@ SPECS = {
   'imagenet2012': _Spec('train', 'validation', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 DATASETS = tuple(sorted(SPECS))
-AUGMENTATIONS = ('inception_crop', 'none')
+AUGMENTATIONS = input_pipeline.STREAMED_AUGMENTATIONS  # ('inception_crop', 'none').
 DEFAULT_IMAGE_SIZE = 224  # Pixels, used when config.input.image_size is -1.
 # Eval crop: image_size / (image_size + EVAL_CROP_PADDING) of the shorter side (224 of 256).
 EVAL_CROP_PADDING = 32
-DEFAULT_SHUFFLE_BUFFER = 16_384  # Encoded examples, about 1.8 GB of ImageNet JPEGs.
+DEFAULT_SHUFFLE_BUFFER = 16_384  # Examples per shuffle window, about 1.8 GB of ImageNet JPEGs.
 
 # Inception crop: fraction of the image area and aspect-ratio range (timm's RandomResizedCrop).
 _AREA_RANGE = (0.08, 1.0)
@@ -104,7 +108,7 @@ class StreamedDatasets:
     info: sizes and shapes of the splits served.
     augment: one of ``AUGMENTATIONS``, applied to train batches only.
     image_size: side of the square images served, pixels.
-    shuffle_buffer: encoded examples in the shuffle buffer of each process.
+    shuffle_buffer: encoded examples per shuffle window of each process.
     seed: seed of the train order and augmentation.
   """
 
@@ -129,7 +133,7 @@ class StreamedDatasets:
       train_offsets: int64 [shards], the first id of each train shard.
       test_offsets: int64 [shards], the first id of each test shard.
       augment: one of ``AUGMENTATIONS``.
-      shuffle_buffer: encoded examples in the shuffle buffer, >= 1.
+      shuffle_buffer: encoded examples per shuffle window, >= 1.
       seed: seed of the train order and augmentation.
     """
     self.info = info
@@ -180,20 +184,17 @@ class StreamedDatasets:
     first_id, num_ids, num_batches = input_pipeline.epoch_partition(
       self.info.num_train, epoch, batch_size, start_batch, process_index, process_count
     )
-    file_seed, buffer_seed = np.random.SeedSequence(
-      [self.seed, epoch, process_index]
-    ).generate_state(2)
+    order = [self.seed % 2**32, epoch, process_index]  # Non-negative words for numpy.
     ds = self._read(
       f'{self._spec.train_split}[{first_id}:{first_id + num_ids}]',
       self._train_offsets,
       tfds.ReadConfig(
         add_tfds_id=True,
-        shuffle_seed=int(file_seed),
+        experimental_interleave_sort_fn=_file_permutation(order),
         options=_deterministic_options(),
       ),
-      shuffle_files=True,
     )
-    ds = ds.shuffle(self.shuffle_buffer, seed=int(buffer_seed), reshuffle_each_iteration=False)
+    ds = window_shuffle(ds, self.shuffle_buffer, order)
     ds = ds.take(num_batches * batch_size).skip(start_batch * batch_size)
     epoch_key = tf.constant([self.seed, epoch], tf.int64)
 
@@ -229,11 +230,10 @@ class StreamedDatasets:
       self._train_offsets,
       tfds.ReadConfig(
         add_tfds_id=True,
-        shuffle_seed=seed,
+        experimental_interleave_sort_fn=_file_permutation([seed % 2**32]),
         interleave_cycle_length=1,
         options=_deterministic_options(),
       ),
-      shuffle_files=True,
     ).take(num_batches * batch_size)
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -267,7 +267,6 @@ class StreamedDatasets:
       tfds.ReadConfig(
         add_tfds_id=True, interleave_cycle_length=1, options=_deterministic_options()
       ),
-      shuffle_files=False,
     ).take(last - first)
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -283,13 +282,15 @@ class StreamedDatasets:
     )
     return ds.map(pad).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
-  def _read(
-    self, split: str, offsets: tf.Tensor, read_config: tfds.ReadConfig, *, shuffle_files: bool
-  ) -> tf.data.Dataset:
-    """Encoded examples of ``split`` as ``{'image': JPEG bytes, 'label', 'index'}``."""
+  def _read(self, split: str, offsets: tf.Tensor, read_config: tfds.ReadConfig) -> tf.data.Dataset:
+    """Encoded examples of ``split`` as ``{'image': JPEG bytes, 'label', 'index'}``.
+
+    Files are read in TFDS order, or in the order of ``read_config``'s sort function;
+    never with TFDS's own file shuffling, whose order depends on TensorFlow's global seed.
+    """
     ds = self._builder.as_dataset(
       split=split,
-      shuffle_files=shuffle_files,
+      shuffle_files=False,
       read_config=read_config,
       decoders={'image': tfds.decode.SkipDecoding()},
     )
@@ -326,18 +327,10 @@ class StreamedDatasets:
     Returns:
       float32 [S, S, 3], pixel values in [0, 255].
     """
-    shape = tf.io.extract_jpeg_shape(jpeg)
-    begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape,
-      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-      seed=tf.random.experimental.stateless_fold_in(key, _CROP_STREAM, alg='philox'),
-      min_object_covered=0.0,
-      aspect_ratio_range=_ASPECT_RATIO_RANGE,
-      area_range=_AREA_RANGE,
-      max_attempts=_CROP_ATTEMPTS,
-      use_image_if_no_bounding_boxes=True,
+    window = inception_crop_window(
+      tf.io.extract_jpeg_shape(jpeg),
+      tf.random.experimental.stateless_fold_in(key, _CROP_STREAM, alg='philox'),
     )
-    window = tf.stack([begin[0], begin[1], box[0], box[1]])
     image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
     image = tf.image.resize(image, [self.image_size, self.image_size], method='bilinear')
     flip_seed = tf.random.experimental.stateless_fold_in(key, _FLIP_STREAM, alg='philox')
@@ -346,14 +339,86 @@ class StreamedDatasets:
 
   def _center_crop(self, jpeg: tf.Tensor) -> tf.Tensor:
     """The evaluation crop of one JPEG: float32 [S, S, 3], pixel values in [0, 255]."""
-    shape = tf.io.extract_jpeg_shape(jpeg)
-    height, width = shape[0], shape[1]
-    fraction = self.image_size / (self.image_size + EVAL_CROP_PADDING)
-    side = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
-    side = tf.maximum(side, 1)
-    window = tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+    window = center_crop_window(tf.io.extract_jpeg_shape(jpeg), self.image_size)
     image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
     return tf.image.resize(image, [self.image_size, self.image_size], method='bilinear')
+
+
+def inception_crop_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """The Inception crop's window of an image, drawn statelessly.
+
+  A box of ``_AREA_RANGE`` (8-100%) of the image area with aspect ratio (width / height)
+  in ``_ASPECT_RATIO_RANGE`` ([3/4, 4/3]), by
+  ``tf.image.stateless_sample_distorted_bounding_box``; the whole image when
+  ``_CROP_ATTEMPTS`` (10) draws all fail.
+
+  Args:
+    shape: int32 [3], the image's (height, width, channels).
+    seed: int [2], the stateless seed.
+
+  Returns:
+    int32 [4], ``(top, left, height, width)`` in pixels, for ``tf.io.decode_and_crop_jpeg``.
+  """
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    shape,
+    bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+    seed=seed,
+    min_object_covered=0.0,
+    aspect_ratio_range=_ASPECT_RATIO_RANGE,
+    area_range=_AREA_RANGE,
+    max_attempts=_CROP_ATTEMPTS,
+    use_image_if_no_bounding_boxes=True,
+  )
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
+  """The evaluation window: the center square of ``S / (S + 32)`` of the shorter side.
+
+  For an image already resized to a shorter side of ``S + 32`` (256 for ``S = 224``) this
+  is exactly the central ``S x S`` crop.
+
+  Args:
+    shape: int32 [3], the image's (height, width, channels).
+    image_size: ``S``, the side of the served images, pixels.
+
+  Returns:
+    int32 [4], ``(top, left, side, side)`` in pixels, rounded down; odd margins put the
+    extra pixel above and to the left.
+  """
+  height, width = shape[0], shape[1]
+  fraction = image_size / (image_size + EVAL_CROP_PADDING)
+  side = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+  side = tf.maximum(side, 1)
+  return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def window_shuffle(ds: tf.data.Dataset, window: int, seed: list[int]) -> tf.data.Dataset:
+  """Shuffles ``ds`` within consecutive windows of ``window`` elements, statelessly.
+
+  Window ``k`` is permuted by ``tf.random.experimental.stateless_shuffle`` with a key from
+  ``(seed, k)``, so the result depends on ``seed`` alone, not on TensorFlow's global seed
+  (``tf.data.Dataset.shuffle`` mixes that in). Examples never leave their window; with the
+  files read in a shuffled order and interleaved, a window holds examples of many files.
+
+  Args:
+    ds: a dataset of (nested) tensors of fixed shapes.
+    window: elements per window, >= 1; 1 keeps the order.
+    seed: non-negative integers.
+
+  Returns:
+    The same elements, permuted within each window.
+  """
+  key = tf.constant(np.random.SeedSequence(seed).generate_state(2, np.uint64) >> 1, tf.int64)
+
+  def permute(k: tf.Tensor, elements):
+    n = tf.shape(tf.nest.flatten(elements)[0])[0]
+    order = tf.random.experimental.stateless_shuffle(
+      tf.range(n), seed=tf.random.experimental.stateless_fold_in(key, k, alg='philox'), alg='philox'
+    )
+    return tf.nest.map_structure(lambda t: tf.gather(t, order), elements)
+
+  return ds.batch(window).enumerate().map(permute).unbatch()
 
 
 def dense_ids(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
@@ -378,6 +443,16 @@ def dense_ids(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
   return tf.gather(offsets, shard) + tf.strings.to_number(position, tf.int64)
 
 
+def _file_permutation(seed: list[int]):
+  """A TFDS ``experimental_interleave_sort_fn`` that orders the files by ``seed`` alone."""
+
+  def permute(instructions: list) -> list:
+    order = np.random.default_rng(seed).permutation(len(instructions))
+    return [instructions[i] for i in order]
+
+  return permute
+
+
 def _deterministic_options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -396,7 +471,7 @@ def _shard_offsets(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.nd
 
 
 def create_streamed_datasets(
-  input_config: ml_collections.ConfigDict, *, seed: int
+  input_config: ml_collections.ConfigDict, *, seed: int, process_count: int = 1
 ) -> StreamedDatasets:
   """Opens a streamed dataset, preparing it first from a manual download if needed.
 
@@ -407,6 +482,8 @@ def create_streamed_datasets(
       ``augment`` (one of ``AUGMENTATIONS``), ``image_size`` (pixels; -1 for
       ``DEFAULT_IMAGE_SIZE``) and ``shuffle_buffer`` (encoded examples, >= 1).
     seed: seed of the train order and augmentation.
+    process_count: processes of the run; with more than one, an unprepared dataset is
+      refused instead of prepared (each would prepare it at once).
 
   Returns:
     The datasets; ``info.image_shape`` is ``(image_size, image_size, 3)``.
@@ -435,7 +512,9 @@ def create_streamed_datasets(
       f'examples) are {input_config.get("image_size")} and {shuffle_buffer}.'
     )
   spec = SPECS[name]
-  builder = input_pipeline.ready_builder(name, data_dir=input_config.data_dir)
+  builder = input_pipeline.ready_builder(
+    name, data_dir=input_config.data_dir, process_count=process_count
+  )
   train_offsets, num_train = _shard_offsets(builder, spec.train_split)
   test_offsets, num_test = _shard_offsets(builder, spec.test_split)
   sizes = {}
@@ -465,7 +544,7 @@ def create_streamed_datasets(
     image_shape=(image_size, image_size, 3),
   )
   logging.info(
-    'Streaming %s from %s: %s, shuffle buffer %d.',
+    'Streaming %s from %s: %s, shuffle windows of %d examples.',
     name,
     os.fspath(builder.data_dir),
     info,

@@ -596,7 +596,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config, num_devices=jax.device_count(), num_processes=jax.process_count()
   )
   checkpoint.check_workdir(config, workdir)
-  datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
+  datasets = input_pipeline.create_datasets(
+    config.input, seed=config.seed, process_count=jax.process_count()
+  )
   analysis = config.analysis
   max_batches = datasets.info.num_train // config.input.batch_size
   if analysis.sharpness_every_epochs > 0 and analysis.sharpness_num_batches > max_batches:

@@ -124,6 +124,93 @@ def test_epoch_covers_each_id_once_in_a_replayable_order(data_dir):
     np.testing.assert_array_equal(resumed[key], first[key][10:])
 
 
+def test_examples_are_shuffled_across_files_whatever_the_global_seed(data_dir):
+  # One-example windows keep the file order: each of the 4 files (6 ids each) is read whole.
+  config = _input(data_dir, shuffle_buffer=1)
+  files = _epoch(input_pipeline.create_datasets(config.input, seed=0), 1, batch_size=4)
+  runs = files['index'].reshape(4, 6)
+  assert sorted(map(tuple, runs)) == [tuple(range(k * 6, k * 6 + 6)) for k in range(4)]
+  # Windows of 24 mix them.
+  config.input.shuffle_buffer = 24
+  datasets = input_pipeline.create_datasets(config.input, seed=0)
+  mixed = _epoch(datasets, 1, batch_size=4)
+  assert sorted(mixed['index']) == list(range(24))
+  assert any(len(set(run // 6)) > 1 for run in mixed['index'].reshape(4, 6))
+  tf.random.set_seed(123)  # tf.data's stateful shuffles would change with it.
+  try:
+    again = _epoch(datasets, 1, batch_size=4)
+  finally:
+    tf.random.set_seed(None)
+  np.testing.assert_array_equal(again['index'], mixed['index'])
+  np.testing.assert_array_equal(again['image'], mixed['image'])
+
+
+def test_window_shuffle_permutes_each_window_by_its_seed():
+  ds = tf.data.Dataset.range(10).map(lambda i: {'a': i, 'b': 2 * i})
+  out = list(streaming.window_shuffle(ds, 4, [7]).as_numpy_iterator())
+  a = [x['a'] for x in out]
+  assert [x['b'] for x in out] == [2 * x for x in a]  # Fields stay together.
+  assert sorted(a[:4]) == [0, 1, 2, 3] and sorted(a[4:8]) == [4, 5, 6, 7]
+  assert sorted(a[8:]) == [8, 9] and a != list(range(10))
+  again = [x['a'] for x in streaming.window_shuffle(ds, 4, [7]).as_numpy_iterator()]
+  other = [x['a'] for x in streaming.window_shuffle(ds, 4, [8]).as_numpy_iterator()]
+  assert again == a and other != a
+  assert [x['a'] for x in streaming.window_shuffle(ds, 1, [7]).as_numpy_iterator()] == list(
+    range(10)
+  )
+
+
+def test_crop_windows():
+  shape = tf.constant([300, 400, 3], tf.int32)
+  boxes = np.stack(
+    [
+      streaming.inception_crop_window(shape, tf.constant([s, 1], tf.int64)).numpy()
+      for s in range(300)
+    ]
+  )
+  top, left, height, width = boxes.T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + height <= 300).all() and (left + width <= 400).all()
+  area = height * width / (300 * 400)
+  whole = area == 1
+  assert (area[~whole] >= 0.08 - 0.01).all()
+  aspect = width[~whole] / height[~whole]
+  assert (aspect >= 3 / 4 - 0.02).all() and (aspect <= 4 / 3 + 0.02).all()
+  assert area.min() < 0.15 and np.median(area) < 0.7  # Spread over the range.
+  # Evaluation: "resize to 256, center-crop 224" for a 256 x 341 image is this window.
+  np.testing.assert_array_equal(
+    streaming.center_crop_window(tf.constant([256, 341, 3]), 224), [16, 59, 224, 224]
+  )
+  np.testing.assert_array_equal(
+    streaming.center_crop_window(tf.constant([60, 40, 3]), 16), [24, 14, 13, 13]
+  )
+
+
+def test_inception_flip_mirrors_left_right(data_dir, monkeypatch):
+  # With the whole image as the only allowed box, each output is the resized image or its
+  # left-right mirror.
+  monkeypatch.setattr(streaming, '_AREA_RANGE', (1.0, 1.0))
+  config = _input(data_dir, num_train_examples=12)
+  crops = _epoch(input_pipeline.create_datasets(config.input, seed=0), 1, batch_size=4)
+  builder = tfds.builder('imagenet2012', data_dir=data_dir)
+  ds = builder.as_dataset(
+    split='train[:12]', shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
+  )
+  spec = streaming.SPECS['imagenet2012']
+  whole = [
+    (tf.image.resize(ex['image'], [16, 16], method='bilinear').numpy() / 255.0 - spec.mean)
+    / spec.std
+    for ex in ds.as_numpy_iterator()
+  ]
+  flipped = 0
+  for image, i in zip(crops['image'], crops['index'], strict=True):
+    if np.allclose(image, whole[i], atol=1e-5):
+      continue
+    np.testing.assert_allclose(image, whole[i][:, ::-1], atol=1e-5)
+    flipped += 1
+  assert 0 < flipped < len(crops['index'])
+
+
 def test_processes_read_their_table_rows_and_augment_alike(data_dir):
   datasets = input_pipeline.create_datasets(_input(data_dir).input, seed=0)
   whole = _epoch(datasets, 1, batch_size=4)
@@ -205,6 +292,11 @@ def test_subset_is_fixed_by_its_seed_alone(data_dir):
   assert list(np.concatenate(other)) != list(np.concatenate(first))
 
 
+def test_a_negative_seed_works(data_dir):
+  datasets = input_pipeline.create_datasets(_input(data_dir).input, seed=-3)
+  assert sorted(_epoch(datasets, 1, batch_size=4)['index']) == list(range(24))
+
+
 def test_first_n_examples_and_bad_sizes(data_dir):
   small = input_pipeline.create_datasets(_input(data_dir, num_train_examples=10).input, seed=0)
   assert small.info.num_train == 10
@@ -222,6 +314,11 @@ def test_missing_imagenet_says_where_the_manual_download_goes(tmp_path):
   manual = os.path.join(str(tmp_path), 'downloads', 'manual')
   assert 'ILSVRC2012_img_train.tar' in str(e.value) and manual in str(e.value)
   assert f'tfds build imagenet2012 --data_dir {tmp_path}' in str(e.value)
+  # With the archives there, one process would prepare it; several refuse to race.
+  os.makedirs(manual)
+  open(os.path.join(manual, 'ILSVRC2012_img_train.tar'), 'wb').close()
+  with pytest.raises(input_pipeline.DataNotFoundError, match='Prepare it once before a multi'):
+    input_pipeline.create_datasets(config.input, seed=0, process_count=2)
 
 
 def test_saf_trains_on_streamed_imagenet(data_dir, tmp_path):
