@@ -834,8 +834,8 @@ def _how_to_provide(name: str, data_dir_root: str, fashion_mnist_idx_dir: str) -
     manual_dir = os.path.join(data_dir_root, 'downloads', 'manual')
     return (
       f'It needs a manual download: {" ".join(instructions.split())} Put the files in '
-      f'{manual_dir}, then run `tfds build {name} --data_dir {data_dir_root}` (or start '
-      'training, which does the same; hours for ImageNet).'
+      f'{manual_dir}, then run `tfds build {name} --data_dir {data_dir_root}` (hours for '
+      'ImageNet; a one-process training run does the same).'
     )
   return (
     f'On a machine with internet run `tfds build {name} --data_dir {data_dir_root}`, then '
