@@ -18,9 +18,18 @@ whole multiples of its ``k`` steps only if ``--steps`` is a multiple of ``k``.
 
 Prints one JSON object per method (``method``, ``images_per_sec`` as the median over
 rounds, ``ratio_to_sgd``, ``rounds``), then a readable table.
+
+With ``--input_only`` no model runs: each round times ``--steps`` batches of a fresh
+training epoch from the input pipeline alone (decoding and augmentation on the host,
+including the pipeline's start-up), to size the host for a dataset such as ImageNet::
+
+  python -m saf_jax.benchmark --config configs/imagenet.py --input_only \
+      --config.input.batch_size=256 --steps 20
 """
 
+import itertools
 import json
+import os
 import statistics
 import time
 import types
@@ -37,6 +46,7 @@ flags.DEFINE_list(
   'Methods to compare (any of saf_jax.train_steps.METHODS).',
 )
 flags.DEFINE_bool('synthetic', False, 'Random images of the dataset shape; no input pipeline.')
+flags.DEFINE_bool('input_only', False, 'Time the input pipeline alone (host images/s).')
 flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds per method.')
 flags.DEFINE_integer('steps', 50, 'Train steps per method and round.')
 flags.DEFINE_integer('warmup_steps', 10, 'Untimed steps per method after compilation.')
@@ -137,6 +147,40 @@ def run_benchmark(
   return results
 
 
+def input_throughput(config, *, rounds: int, steps: int) -> list[tuple[int, float]]:
+  """Times the training input pipeline alone; see the module docstring.
+
+  Round ``r`` reads the first ``steps`` batches of epoch ``r + 1`` of
+  ``config.input.batch_size`` examples, from creating the iterator to the last batch.
+
+  Returns:
+    ``[(images, seconds)]``, one pair per round.
+
+  Raises:
+    ValueError: for bad ``rounds`` / ``steps``, or a config the pipeline refuses.
+  """
+  from saf_jax import input_pipeline
+
+  if rounds < 1 or steps < 1:
+    raise ValueError('--rounds and --steps must be >= 1.')
+  datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
+  batch_size = config.input.batch_size
+  if steps * batch_size > datasets.info.num_train:
+    raise ValueError(
+      f'--steps={steps} batches of {batch_size} exceed the {datasets.info.num_train} '
+      'training examples.'
+    )
+  results = []
+  for r in range(rounds):
+    start = time.perf_counter()
+    images = 0
+    batches = datasets.train_epoch(r + 1, batch_size=batch_size)
+    for batch in itertools.islice(batches, steps):
+      images += len(batch['index'])
+    results.append((images, time.perf_counter() - start))
+  return results
+
+
 def _timed(run, datasets, *, steps):
   exp = run['exp']
   batches = datasets.train_epoch(run['epoch'], batch_size=exp.config.input.batch_size)
@@ -155,6 +199,22 @@ def main(argv):
   import jax
 
   start = time.perf_counter()
+  if FLAGS.input_only:
+    timings = input_throughput(FLAGS.config, rounds=FLAGS.rounds, steps=FLAGS.steps)
+    per_round = [images / seconds for images, seconds in timings]
+    row = {
+      'input_pipeline_images_per_sec': round(statistics.median(per_round), 1),
+      'rounds': [round(v, 1) for v in per_round],
+    }
+    print(json.dumps(row), flush=True)
+    cfg = FLAGS.config
+    print(
+      f'\ninput pipeline: dataset={cfg.input.dataset} augment={cfg.input.augment} '
+      f'batch={cfg.input.batch_size} rounds={FLAGS.rounds} steps/round={FLAGS.steps} '
+      f'host CPUs={os.cpu_count()} wall={time.perf_counter() - start:.0f}s: '
+      f'{row["input_pipeline_images_per_sec"]:.1f} images/s'
+    )
+    return
   results = run_benchmark(
     FLAGS.config,
     FLAGS.methods,

@@ -16,7 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
-from saf_jax import input_pipeline, sharding, streaming, train
+from saf_jax import benchmark, input_pipeline, sharding, streaming, train
 
 _CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
 _PER_CLASS = 6  # 24 train examples.
@@ -334,3 +334,13 @@ def test_saf_trains_on_streamed_imagenet(data_dir, tmp_path):
   assert record['step'] == 3 * 3 and record['train/trajectory_active'] == 1
   # Epoch 3's targets are epoch 2's logits of the same ids: a positive, finite KL.
   assert 0 < record['train/trajectory_loss'] < 10
+
+
+def test_input_only_benchmark_reads_the_batches_it_times(data_dir):
+  config = _input(data_dir)
+  config.input.batch_size = 5
+  timings = benchmark.input_throughput(config, rounds=2, steps=3)
+  assert [images for images, _ in timings] == [15, 15]
+  assert all(seconds > 0 for _, seconds in timings)
+  with pytest.raises(ValueError, match='--steps=5 batches of 5 exceed the 24 training'):
+    benchmark.input_throughput(config, rounds=1, steps=5)
