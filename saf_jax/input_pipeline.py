@@ -773,15 +773,20 @@ def ready_builder(
   if name == 'fashion_mnist' and _has_fashion_mnist_idx(fashion_mnist_idx_dir):
     _store_fashion_mnist(builder, idx_dir=fashion_mnist_idx_dir)
     builder = tfds.builder(name, data_dir=data_dir)
-  elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS and (
-    process_count > 1 or not (os.path.isdir(manual_dir) and os.listdir(manual_dir))
-  ):
-    # Several processes would each prepare it for hours and race to rename the result.
-    once = ' Prepare it once before a multi-process run.' if process_count > 1 else ''
-    raise DataNotFoundError(
-      f'Dataset {name!r} is not prepared in data_dir {data_dir_root!r}.{once} '
-      + _how_to_provide(name, data_dir_root, fashion_mnist_idx_dir)
+  elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    if process_count > 1 or not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+      # Several processes would each prepare it for hours and race to rename the result.
+      once = ' Prepare it once before a multi-process run.' if process_count > 1 else ''
+      raise DataNotFoundError(
+        f'Dataset {name!r} is not prepared in data_dir {data_dir_root!r}.{once} '
+        + _how_to_provide(name, data_dir_root, fashion_mnist_idx_dir)
+      )
+    # No network: TFDS reads the archives in manual_dir (its checksums list a web host
+    # that a manual download never contacts).
+    logging.info(
+      'Preparing %s in %s from the manual download in %s.', name, data_dir_root, manual_dir
     )
+    _prepare(builder, fashion_mnist_idx_dir)
   else:
     unreachable = _unreachable_hosts(builder)
     if unreachable:
@@ -791,20 +796,26 @@ def ready_builder(
         + _how_to_provide(name, data_dir_root, fashion_mnist_idx_dir)
       )
     logging.info('Downloading and preparing %s in %s.', name, data_dir_root)
-    try:
-      builder.download_and_prepare()
-    except Exception as e:  # Any failure (network, checksum, disk) means no data.
-      raise DataNotFoundError(
-        f'Dataset {name!r} is not prepared in data_dir {data_dir_root!r} and '
-        f'download_and_prepare failed: {e} '
-        + _how_to_provide(name, data_dir_root, fashion_mnist_idx_dir)
-      ) from e
+    _prepare(builder, fashion_mnist_idx_dir)
   if not _is_readable(builder):
     raise DataNotFoundError(
       f'Dataset {name!r} is still not readable in data_dir {data_dir_root!r} after '
       'preparing it. ' + _how_to_provide(name, data_dir_root, fashion_mnist_idx_dir)
     )
   return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, fashion_mnist_idx_dir: str) -> None:
+  """``builder.download_and_prepare()``, any failure raised as ``DataNotFoundError``."""
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # Any failure (network, checksum, archive, disk) means no data.
+    data_dir_root = os.fspath(builder.data_dir_root)
+    raise DataNotFoundError(
+      f'Dataset {builder.name!r} is not prepared in data_dir {data_dir_root!r} and '
+      f'download_and_prepare failed: {e} '
+      + _how_to_provide(builder.name, data_dir_root, fashion_mnist_idx_dir)
+    ) from e
 
 
 def _is_readable(builder: tfds.core.DatasetBuilder) -> bool:
@@ -834,13 +845,17 @@ def _how_to_provide(name: str, data_dir_root: str, fashion_mnist_idx_dir: str) -
     manual_dir = os.path.join(data_dir_root, 'downloads', 'manual')
     return (
       f'It needs a manual download: {" ".join(instructions.split())} Put the files in '
-      f'{manual_dir}, then run `tfds build {name} --data_dir {data_dir_root}` (hours for '
-      'ImageNet; a one-process training run does the same).'
+      f'{manual_dir}, then run `{_prepare_command(name, data_dir_root)}` (offline; hours '
+      'for ImageNet; a one-process training run does the same).'
     )
   return (
-    f'On a machine with internet run `tfds build {name} --data_dir {data_dir_root}`, then '
+    f'On a machine with internet run `{_prepare_command(name, data_dir_root)}`, then '
     f'copy {os.path.join(data_dir_root, name)} to the same path here.'
   )
+
+
+def _prepare_command(name: str, data_dir_root: str) -> str:
+  return f'python -m saf_jax.prepare_data --dataset={name} --data_dir={data_dir_root}'
 
 
 def _unreachable_hosts(builder: tfds.core.DatasetBuilder) -> list[str]:

@@ -229,7 +229,7 @@ def test_missing_dataset_offline_raises_data_not_found(tmp_path, offline):
   message = str(error.value)
   assert "'mnist'" in message
   assert data_dir in message
-  assert f'tfds build mnist --data_dir {data_dir}' in message
+  assert f'python -m saf_jax.prepare_data --dataset=mnist --data_dir={data_dir}' in message
   assert isinstance(error.value, FileNotFoundError)
 
 

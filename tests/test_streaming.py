@@ -8,6 +8,8 @@ JPEG crops are exercised as on the real dataset.
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -17,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from saf_jax import benchmark, input_pipeline, sharding, streaming, train
+from tests import conftest
 
 _CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
 _PER_CLASS = 6  # 24 train examples.
@@ -37,25 +40,31 @@ def _jpeg(rng: np.random.Generator) -> bytes:
   return tf.io.encode_jpeg(image, quality=95).numpy()
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp('imagenet')
-  manual = root / 'manual'
-  manual.mkdir()
+def _write_manual_download(manual) -> None:
+  """ImageNet's two archives, in its own layout, with _CLASSES x _PER_CLASS + _NUM_VAL JPEGs."""
+  os.makedirs(manual, exist_ok=True)
   rng = np.random.default_rng(0)
-  with tarfile.open(manual / 'ILSVRC2012_img_train.tar', 'w') as outer:
+  with tarfile.open(os.path.join(manual, 'ILSVRC2012_img_train.tar'), 'w') as outer:
     for synset in _CLASSES:
       inner_bytes = io.BytesIO()
       with tarfile.open(fileobj=inner_bytes, mode='w') as inner:
         for i in range(_PER_CLASS):
           _add(inner, f'{synset}_{i}.JPEG', _jpeg(rng))
       _add(outer, f'{synset}.tar', inner_bytes.getvalue())
-  with tarfile.open(manual / 'ILSVRC2012_img_val.tar', 'w') as val:
+  with tarfile.open(os.path.join(manual, 'ILSVRC2012_img_val.tar'), 'w') as val:
     for i in range(_NUM_VAL):
       _add(val, f'ILSVRC2012_val_{i + 1:08d}.JPEG', _jpeg(rng))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('imagenet')
+  _write_manual_download(root / 'manual')
   data = str(root / 'tfds')
   tfds.builder('imagenet2012', data_dir=data).download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual), num_shards=_TRAIN_SHARDS)
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=str(root / 'manual'), num_shards=_TRAIN_SHARDS
+    )
   )
   return data
 
@@ -313,12 +322,26 @@ def test_missing_imagenet_says_where_the_manual_download_goes(tmp_path):
     input_pipeline.create_datasets(config.input, seed=0)
   manual = os.path.join(str(tmp_path), 'downloads', 'manual')
   assert 'ILSVRC2012_img_train.tar' in str(e.value) and manual in str(e.value)
-  assert f'tfds build imagenet2012 --data_dir {tmp_path}' in str(e.value)
-  # With the archives there, one process would prepare it; several refuse to race.
-  os.makedirs(manual)
-  open(os.path.join(manual, 'ILSVRC2012_img_train.tar'), 'wb').close()
+  command = f'python -m saf_jax.prepare_data --dataset=imagenet2012 --data_dir={tmp_path}'
+  assert command in str(e.value)
+  # With the archives there, several processes refuse to race to prepare it.
+  _write_manual_download(manual)
   with pytest.raises(input_pipeline.DataNotFoundError, match='Prepare it once before a multi'):
     input_pipeline.create_datasets(config.input, seed=0, process_count=2)
+  # The command prepares it offline (image-net.org is not reachable from CI), in TFDS
+  # order; then training reads it.
+  proc = subprocess.run(
+    [sys.executable, '-m', 'saf_jax.prepare_data', *command.split()[3:]],
+    capture_output=True,
+    text=True,
+    cwd=conftest.REPO_ROOT,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'imagenet2012 train: 24 examples' in proc.stdout
+  assert 'imagenet2012 validation: 7 examples' in proc.stdout
+  datasets = input_pipeline.create_datasets(config.input, seed=0)
+  assert (datasets.info.num_train, datasets.info.num_test) == (24, _NUM_VAL)
 
 
 def test_saf_trains_on_streamed_imagenet(data_dir, tmp_path):
