@@ -205,6 +205,7 @@ def main(argv):
     row = {
       'input_pipeline_images_per_sec': round(statistics.median(per_round), 1),
       'rounds': [round(v, 1) for v in per_round],
+      'images_per_round': [images for images, _ in timings],
     }
     print(json.dumps(row), flush=True)
     cfg = FLAGS.config

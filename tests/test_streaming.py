@@ -7,7 +7,9 @@ JPEG crops are exercised as on the real dataset.
 """
 
 import io
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -18,7 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
-from saf_jax import benchmark, input_pipeline, sharding, streaming, train
+from saf_jax import input_pipeline, sharding, streaming, train
 from tests import conftest
 
 _CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
@@ -360,10 +362,31 @@ def test_saf_trains_on_streamed_imagenet(data_dir, tmp_path):
 
 
 def test_input_only_benchmark_reads_the_batches_it_times(data_dir):
-  config = _input(data_dir)
-  config.input.batch_size = 5
-  timings = benchmark.input_throughput(config, rounds=2, steps=3)
-  assert [images for images, _ in timings] == [15, 15]
-  assert all(seconds > 0 for _, seconds in timings)
-  with pytest.raises(ValueError, match='--steps=5 batches of 5 exceed the 24 training'):
-    benchmark.input_throughput(config, rounds=1, steps=5)
+  def benchmark(steps):
+    return subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'saf_jax.benchmark',
+        '--config=configs/imagenet.py:smoke',
+        '--input_only',
+        f'--config.input.data_dir={data_dir}',
+        '--config.input.batch_size=5',
+        '--config.input.num_train_examples=-1',
+        '--rounds=2',
+        f'--steps={steps}',
+      ],
+      capture_output=True,
+      text=True,
+      cwd=conftest.REPO_ROOT,
+      check=False,
+    )
+
+  proc = benchmark(3)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = json.loads(proc.stdout.splitlines()[0])
+  assert row['images_per_round'] == [15, 15] and len(row['rounds']) == 2
+  assert abs(row['input_pipeline_images_per_sec'] - statistics.median(row['rounds'])) <= 0.1
+  proc = benchmark(5)
+  assert proc.returncode != 0
+  assert '--steps=5 batches of 5 exceed the 24 training examples' in proc.stderr
