@@ -196,8 +196,6 @@ def main(argv):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], 'GPU')
-  import jax
-
   start = time.perf_counter()
   if FLAGS.input_only:
     timings = input_throughput(FLAGS.config, rounds=FLAGS.rounds, steps=FLAGS.steps)
@@ -216,6 +214,8 @@ def main(argv):
       f'{row["input_pipeline_images_per_sec"]:.1f} images/s'
     )
     return
+  import jax
+
   results = run_benchmark(
     FLAGS.config,
     FLAGS.methods,

@@ -308,11 +308,7 @@ class Datasets:
         the train split.
     """
     num_train = self.info.num_train
-    if num_batches < 1 or batch_size < 1 or num_batches * batch_size > num_train:
-      raise ValueError(
-        f'A subset of num_batches={num_batches} x batch_size={batch_size} examples needs '
-        f'both >= 1 and at most num_train={num_train} examples.'
-      )
+    check_subset(num_batches, batch_size, num_train)
     key = tf.random.experimental.stateless_fold_in(
       tf.constant([seed, 0], dtype=tf.int64), _SUBSET_STREAM, alg='philox'
     )
@@ -415,6 +411,20 @@ def epoch_partition(
       f'start_batch must be in [0, {num_batches}] (batches per epoch), got {start_batch}.'
     )
   return first_id, num_ids, num_batches
+
+
+def check_subset(num_batches: int, batch_size: int, num_train: int) -> None:
+  """Checks ``train_subset_batches``'s sizes.
+
+  Raises:
+    ValueError: if ``num_batches < 1``, ``batch_size < 1`` or the subset has more than
+      ``num_train`` examples.
+  """
+  if num_batches < 1 or batch_size < 1 or num_batches * batch_size > num_train:
+    raise ValueError(
+      f'A subset of num_batches={num_batches} x batch_size={batch_size} examples needs '
+      f'both >= 1 and at most num_train={num_train} examples.'
+    )
 
 
 def process_test_block(

@@ -188,11 +188,7 @@ class StreamedDatasets:
     ds = self._read(
       f'{self._spec.train_split}[{first_id}:{first_id + num_ids}]',
       self._train_offsets,
-      tfds.ReadConfig(
-        add_tfds_id=True,
-        experimental_interleave_sort_fn=_file_permutation(order),
-        options=_deterministic_options(),
-      ),
+      file_order=order,
     )
     ds = window_shuffle(ds, self.shuffle_buffer, order)
     ds = ds.take(num_batches * batch_size).skip(start_batch * batch_size)
@@ -220,20 +216,12 @@ class StreamedDatasets:
     method and every ``self.seed``, and reading it touches only a few files.
     """
     num_train = self.info.num_train
-    if num_batches < 1 or batch_size < 1 or num_batches * batch_size > num_train:
-      raise ValueError(
-        f'A subset of num_batches={num_batches} x batch_size={batch_size} examples needs '
-        f'both >= 1 and at most num_train={num_train} examples.'
-      )
+    input_pipeline.check_subset(num_batches, batch_size, num_train)
     ds = self._read(
       f'{self._spec.train_split}[:{num_train}]',
       self._train_offsets,
-      tfds.ReadConfig(
-        add_tfds_id=True,
-        experimental_interleave_sort_fn=_file_permutation([seed % 2**32]),
-        interleave_cycle_length=1,
-        options=_deterministic_options(),
-      ),
+      file_order=[seed % 2**32],
+      one_file_at_a_time=True,
     ).take(num_batches * batch_size)
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -262,11 +250,7 @@ class StreamedDatasets:
     # TFDS refuses an empty slice: an empty block reads one example and keeps none.
     block = f'[{first}:{last}]' if last > first else '[0:1]'
     ds = self._read(
-      self._spec.test_split + block,
-      self._test_offsets,
-      tfds.ReadConfig(
-        add_tfds_id=True, interleave_cycle_length=1, options=_deterministic_options()
-      ),
+      self._spec.test_split + block, self._test_offsets, one_file_at_a_time=True
     ).take(last - first)
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -282,12 +266,34 @@ class StreamedDatasets:
     )
     return ds.map(pad).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
-  def _read(self, split: str, offsets: tf.Tensor, read_config: tfds.ReadConfig) -> tf.data.Dataset:
+  def _read(
+    self,
+    split: str,
+    offsets: tf.Tensor,
+    *,
+    file_order: list[int] | None = None,
+    one_file_at_a_time: bool = False,
+  ) -> tf.data.Dataset:
     """Encoded examples of ``split`` as ``{'image': JPEG bytes, 'label', 'index'}``.
 
-    Files are read in TFDS order, or in the order of ``read_config``'s sort function;
-    never with TFDS's own file shuffling, whose order depends on TensorFlow's global seed.
+    Args:
+      split: a TFDS split, sliced or not.
+      offsets: int64 [shards], the first id of each of the split's shards.
+      file_order: non-negative seed words of a numpy permutation of the files; None keeps
+        TFDS's order. Never TFDS's own file shuffling, whose order depends on
+        TensorFlow's global seed.
+      one_file_at_a_time: read the files in sequence instead of 16 interleaved.
+
+    Returns:
+      A deterministic dataset of the split's encoded examples.
     """
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config = tfds.ReadConfig(add_tfds_id=True, options=options)
+    if file_order is not None:
+      read_config.experimental_interleave_sort_fn = _file_permutation(file_order)
+    if one_file_at_a_time:
+      read_config.interleave_cycle_length = 1
     ds = self._builder.as_dataset(
       split=split,
       shuffle_files=False,
@@ -331,8 +337,7 @@ class StreamedDatasets:
       tf.io.extract_jpeg_shape(jpeg),
       tf.random.experimental.stateless_fold_in(key, _CROP_STREAM, alg='philox'),
     )
-    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
-    image = tf.image.resize(image, [self.image_size, self.image_size], method='bilinear')
+    image = self._decode(jpeg, window)
     flip_seed = tf.random.experimental.stateless_fold_in(key, _FLIP_STREAM, alg='philox')
     flip = tf.random.stateless_uniform([], seed=flip_seed, alg='philox') < 0.5
     return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -340,6 +345,10 @@ class StreamedDatasets:
   def _center_crop(self, jpeg: tf.Tensor) -> tf.Tensor:
     """The evaluation crop of one JPEG: float32 [S, S, 3], pixel values in [0, 255]."""
     window = center_crop_window(tf.io.extract_jpeg_shape(jpeg), self.image_size)
+    return self._decode(jpeg, window)
+
+  def _decode(self, jpeg: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    """Decodes only ``window`` (int32 [4]) of a JPEG, resized bilinearly to [S, S, 3] float32."""
     image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
     return tf.image.resize(image, [self.image_size, self.image_size], method='bilinear')
 
@@ -451,12 +460,6 @@ def _file_permutation(seed: list[int]):
     return [instructions[i] for i in order]
 
   return permute
-
-
-def _deterministic_options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  return options
 
 
 def _shard_offsets(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, int | None]:
