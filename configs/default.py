@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.augment = 'flip'  # 'none' | 'flip' | 'crop_flip'; ImageNet: 'inception_crop'.
   config.input.crop_padding = 4  # Pixels of zero padding for 'crop_flip'.
   config.input.prefetch = 2  # Batches placed on device ahead of the step.
-  # Streamed datasets (ImageNet) only: encoded examples in each process's shuffle buffer.
+  # Streamed datasets (ImageNet) only: encoded examples per shuffle window of each process.
   config.input.shuffle_buffer = 16_384
 
   # Model.
