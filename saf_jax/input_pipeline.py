@@ -53,7 +53,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from saf_jax import sharding
+from saf_jax import image_folder, sharding
 
 try:
   # JAX owns the accelerators; TensorFlow only feeds batches from host memory.
@@ -91,9 +91,9 @@ _CHANNEL_STATS = {
 IN_MEMORY_DATASETS = tuple(sorted(_CHANNEL_STATS))
 # Every TFDS name create_datasets serves.
 DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
-# config.input.dataset = FOLDER_PREFIX + root: an image folder (see folder_classes).
-FOLDER_PREFIX = 'folder:'
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# config.input.dataset = FOLDER_PREFIX + root: an image folder or archive (saf_jax.image_folder).
+FOLDER_PREFIX = image_folder.FOLDER_PREFIX
+folder_classes = image_folder.folder_classes
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
 _IDX_DTYPES = {
@@ -327,9 +327,17 @@ class Datasets:
     return _numpy_batches(ds, make_batch)
 
   def test_batches(
-    self, *, batch_size: int, process_index: int = 0, process_count: int = 1
+    self,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = 'test',
   ) -> Iterator[dict[str, np.ndarray]]:
     """Iterates once, in order and without augmentation, over this process's test examples.
+
+    With ``split='train'``, the same over the training split: every training example once,
+    unaugmented (``config.eval.train_accuracy``: how well the model fits what it trains on).
 
     The test split is cut into ``process_count`` contiguous blocks whose sizes differ by at
     most one; process ``p`` reads block ``p``. Every process yields the same number of
@@ -348,19 +356,26 @@ class Datasets:
       0, label 0 and index -1.
 
     Raises:
-      ValueError: if ``batch_size < 1``.
+      ValueError: if ``batch_size < 1`` or ``split`` is not 'test' or 'train'.
     """
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
+    if split not in ('test', 'train'):
+      raise ValueError(f"split must be 'test' or 'train', got {split!r}.")
+    images, labels = (
+      (self._test_images, self._test_labels)
+      if split == 'test'
+      else (self._train_images, self._train_labels)
+    )
     height, width, channels = self.info.image_shape
     first, last, num_batches = process_test_block(
-      self.info.num_test, batch_size, process_index, process_count
+      int(labels.shape[0]), batch_size, process_index, process_count
     )
 
     def make_batch(batch_ids: tf.Tensor) -> dict[str, tf.Tensor]:
       batch = {
-        'image': self._normalise(tf.gather(self._test_images, batch_ids)),
-        'label': tf.gather(self._test_labels, batch_ids),
+        'image': self._normalise(tf.gather(images, batch_ids)),
+        'label': tf.gather(labels, batch_ids),
         'index': batch_ids,
       }
       return pad_batch(batch, [batch_size, height, width, channels])
@@ -548,8 +563,9 @@ def create_datasets(
     input_config: ``config.input`` with fields ``dataset`` (TFDS name, a key of
       ``DEFAULT_AUGMENT``), ``data_dir`` (str, or None for the TFDS default),
       ``num_train_examples`` / ``num_test_examples`` (int; -1 for the whole split, else
-      the first N examples in TFDS order), ``augment`` (one of ``AUGMENTATIONS``) and
-      ``crop_padding`` (int, pixels per side, used by ``'crop_flip'``).
+      the first N examples in TFDS order; for a folder, a class-balanced subset of N),
+      ``augment`` (one of ``AUGMENTATIONS``) and ``crop_padding`` (int, pixels per side,
+      used by ``'crop_flip'``).
     seed: seed of the train order and augmentation.
     fashion_mnist_idx_dir: folder with Fashion-MNIST's gzipped IDX files, used to write the
       TFDS dataset when it is missing.
@@ -591,10 +607,13 @@ def create_datasets(
 
   if name.startswith(FOLDER_PREFIX):
     root = name[len(FOLDER_PREFIX) :]
-    image_size = input_config.get('image_size', -1)
-    classes = folder_classes(root)
-    train = _load_folder_split(root, 'train', classes, image_size, input_config.num_train_examples)
-    test = _load_folder_split(root, 'test', classes, image_size, input_config.num_test_examples)
+    train, test, classes = image_folder.load(
+      root,
+      image_size=input_config.get('image_size', -1),
+      num_train_examples=input_config.num_train_examples,
+      num_test_examples=input_config.num_test_examples,
+      cache_dir=os.path.join(input_config.data_dir or tfds_data_dir(), image_folder.CACHE_DIR),
+    )
     if train['image'].shape[1:] != test['image'].shape[1:]:
       raise ValueError(
         f'The train images of {root!r} are {train["image"].shape[1:]} and the test images '
@@ -632,91 +651,9 @@ def create_datasets(
   )
 
 
-def folder_classes(root: str) -> list[str]:
-  """Class names of an image folder: its ``train/`` subfolders, sorted.
-
-  The layout is TFDS ``ImageFolder``'s: ``root/train/<class>/*.jpg|jpeg|png`` and
-  ``root/test/<class>/*.jpg|jpeg|png``. Label ``k`` is the ``k``-th class name in sorted
-  order.
-
-  Raises:
-    ValueError: if ``root/train`` or ``root/test`` is missing, a class folder holds no
-      image, or a test class is not a train class.
-  """
-  splits = {}
-  for split in ('train', 'test'):
-    directory = os.path.join(root, split)
-    if not os.path.isdir(directory):
-      raise ValueError(
-        f"config.input.dataset='{FOLDER_PREFIX}{root}' needs {directory}/<class>/*.jpg|png "
-        f'(the layout of TFDS ImageFolder); {directory} is not a directory.'
-      )
-    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-    if not classes:
-      raise ValueError(f'{directory} holds no class folder.')
-    for name in classes:
-      if not _folder_images(os.path.join(directory, name)):
-        raise ValueError(
-          f'Class folder {os.path.join(directory, name)} holds no image '
-          f'({", ".join(IMAGE_EXTENSIONS)}).'
-        )
-    splits[split] = classes
-  missing = sorted(set(splits['test']) - set(splits['train']))
-  if missing:
-    raise ValueError(
-      f'The test split of {root!r} has classes that train does not: {missing}; a model '
-      'trained on train cannot predict them.'
-    )
-  return splits['train']
-
-
-def _folder_images(directory: str) -> list[str]:
-  """The image files of one class folder, sorted by name."""
-  return sorted(
-    e.path
-    for e in os.scandir(directory)
-    if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-  )
-
-
-def _load_folder_split(
-  root: str, split: str, classes: list[str], image_size: int, num_examples: int
-) -> dict[str, np.ndarray]:
-  """Decodes one split of an image folder into memory, as RGB uint8.
-
-  Example ids follow the sorted (class, file name) order, so they are stable as long as
-  the folder's files are. With ``image_size > 0`` every image is resized (bilinear, with
-  antialiasing) to ``image_size`` x ``image_size``; otherwise all must share one size.
-
-  Raises:
-    ValueError: for an unreadable image (naming the file), or images of different sizes
-      without ``image_size``.
-  """
-  files, labels = [], []
-  for label, name in enumerate(classes):
-    directory = os.path.join(root, split, name)
-    if os.path.isdir(directory):
-      found = _folder_images(directory)
-      files += found
-      labels += [label] * len(found)
-  if num_examples != -1:
-    files, labels = files[:num_examples], labels[:num_examples]
-  images = []
-  for path in files:
-    try:
-      image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-      raise ValueError(f'Cannot read the image {path}: {e.message.splitlines()[0]}') from e
-    if image_size > 0:
-      image = tf.image.resize(image, (image_size, image_size), antialias=True)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    elif images and image.shape != images[0].shape:
-      raise ValueError(
-        f'{path} is {tuple(image.shape)} but {files[0]} is {tuple(images[0].shape)}: set '
-        'config.input.image_size to resize every image to one size.'
-      )
-    images.append(image.numpy())
-  return {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
+def tfds_data_dir() -> str:
+  """TFDS's default data_dir (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+  return tfds.core.constants.DATA_DIR
 
 
 def _load_split(
