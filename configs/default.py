@@ -89,14 +89,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Input.
   config.input = ml_collections.ConfigDict()
   # TFDS name, or 'folder:/path' for root/train/<class>/*.png|jpg and root/test/<class>/...
+  # (or a .tar/.tar.gz archive of such a folder, decoded once into data_dir).
   config.input.dataset = 'fashion_mnist'
   # Folders: resize to this many pixels square (-1 = keep); ImageNet: crop size (-1 = 224).
   config.input.image_size = -1
   config.input.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir.
   config.input.batch_size = 128  # Global batch size (all devices), examples.
   config.input.eval_batch_size = 1000  # Global, examples; the last batch is padded.
-  config.input.num_train_examples = -1  # First N training examples; -1 = all.
-  config.input.num_test_examples = -1  # First N test examples; -1 = all.
+  # First N training examples (TFDS order); folders: N class-balanced. -1 = all.
+  config.input.num_train_examples = -1
+  config.input.num_test_examples = -1  # The same for the test split.
   config.input.augment = 'flip'  # 'none' | 'flip' | 'crop_flip'; ImageNet: 'inception_crop'.
   config.input.crop_padding = 4  # Pixels of zero padding for 'crop_flip'.
   config.input.prefetch = 2  # Batches placed on device ahead of the step.
@@ -175,6 +177,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Eval.
   config.eval = ml_collections.ConfigDict()
   config.eval.every_epochs = 1  # Test-set evaluation period, epochs (and after the last).
+  # Decay of an evaluation-only EMA of params and batch_stats (timm's ModelEmaV2, what the
+  # authors' scripts report), for any method, updated after every step and evaluated as
+  # test_model_ema/*; 0 = off. MESA's teacher (method.mesa.ema_decay) is test_ema/*.
+  config.eval.ema_decay = 0.0
+  # Also evaluate the trained weights on the whole training split, unaugmented, in eval
+  # mode (train_eval/*): how well the model fits its training set. In-memory data only.
+  config.eval.train_accuracy = False
 
   # Analysis (saf_jax.sharpness; `python -m saf_jax.analyze` for the other tools).
   config.analysis = ml_collections.ConfigDict()

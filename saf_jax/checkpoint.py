@@ -43,7 +43,8 @@ _RESUME_FREE = (
   'input.prefetch',
   'input.eval_batch_size',
   'input.num_test_examples',
-  'eval',
+  'eval.every_epochs',
+  'eval.train_accuracy',
   'checkpoint',
   'mesh',
   'analysis',
@@ -70,6 +71,7 @@ _ADDED_FIELDS = {
   'label_smoothing': 0.0,
   'input.image_size': -1,
   'input.shuffle_buffer': 16_384,
+  'eval.ema_decay': 0.0,  # The model EMA is part of the checkpointed state.
 }
 
 

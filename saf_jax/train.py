@@ -256,8 +256,18 @@ class Experiment:
 
   def _init_fn(self, rng):
     return train_state.create_train_state(
-      self.model, self.tx, rng=rng, image_shape=self.info.image_shape, method=self.method
+      self.model,
+      self.tx,
+      rng=rng,
+      image_shape=self.info.image_shape,
+      method=self.method,
+      model_ema=self.model_ema_decay > 0,
     )
+
+  @property
+  def model_ema_decay(self) -> float:
+    """``config.eval.ema_decay``: the evaluation-only model EMA's decay; 0 = off."""
+    return self.config.eval.get('ema_decay', 0.0)
 
   def new_table(self, workdir: str | None = None) -> logit_table.LogitTable | None:
     """This process's empty SAF logit table (None for other methods).
@@ -331,6 +341,7 @@ class Experiment:
       batch_axis_name='data' if self.per_device else None,
       sam_step=sam_step,
       label_smoothing=self.config.get('label_smoothing', 0.0),
+      model_ema_decay=self.model_ema_decay,
       **hparams,
     )
     if self.per_device:
@@ -742,12 +753,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         record['sharpness_time_sec'] = time.perf_counter() - sharpness_start
       eval_start = time.perf_counter()
       if last or epoch % config.eval.every_epochs == 0:
-        weights = {'test': (state.params, state.batch_stats)}
+        # (prefix, split, weights): the trained weights, MESA's teacher, the model EMA.
+        evals = [('test', 'test', (state.params, state.batch_stats))]
         if exp.trajectory == 'mesa':
-          weights['test_ema'] = (state.ema_params, state.ema_batch_stats)
-        for prefix, (params, batch_stats) in weights.items():
+          evals.append(('test_ema', 'test', (state.ema_params, state.ema_batch_stats)))
+        if exp.model_ema_decay > 0:
+          model_ema = (state.model_ema_params, state.model_ema_batch_stats)
+          evals.append(('test_model_ema', 'test', model_ema))
+        if config.eval.get('train_accuracy', False):
+          evals.append(('train_eval', 'train', (state.params, state.batch_stats)))
+        for prefix, split, (params, batch_stats) in evals:
           batches = datasets.test_batches(
-            batch_size=config.input.eval_batch_size // jax.process_count(), **processes
+            batch_size=config.input.eval_batch_size // jax.process_count(),
+            split=split,
+            **processes,
           )
           result = evaluate(eval_fn, params, batch_stats, batches, exp.data)
           record.update({f'{prefix}/{k}': v for k, v in result.items()})
@@ -786,8 +805,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     f'method={method} epochs={config.num_epochs} '
     f'test/accuracy={record.get("test/accuracy", float("nan")):.4f} '
   )
-  if 'test_ema/accuracy' in record:
-    summary += f'test_ema/accuracy={record["test_ema/accuracy"]:.4f} '
+  for prefix in ('test_ema', 'test_model_ema', 'train_eval'):
+    if f'{prefix}/accuracy' in record:
+      summary += f'{prefix}/accuracy={record[f"{prefix}/accuracy"]:.4f} '
   summary += f'images/s={record["train/images_per_sec"]:.0f} wall={wall:.1f}s'
   print(summary, flush=True)
   return record

@@ -25,6 +25,11 @@ class TrainState:
       ``params``; None for other methods.
     ema_batch_stats: EMA of ``batch_stats`` with the same decay, used by the teacher's
       eval-mode forward; None for other methods.
+    model_ema_params: the evaluation-only model EMA of ``params`` (timm's ``ModelEmaV2``,
+      what the authors' scripts evaluate; ``config.eval.ema_decay``), any method; None
+      when off. The same update (``transforms.ema_update``) as MESA's teacher, with its
+      own decay; it never enters the loss.
+    model_ema_batch_stats: its EMA of ``batch_stats``; None when off.
   """
 
   step: jax.Array
@@ -33,14 +38,23 @@ class TrainState:
   opt_state: Any
   ema_params: Any = None
   ema_batch_stats: Any = None
+  model_ema_params: Any = None
+  model_ema_batch_stats: Any = None
 
 
 def create_train_state(
-  model: Any, tx: optax.GradientTransformation, *, rng: jax.Array, image_shape, method: str
+  model: Any,
+  tx: optax.GradientTransformation,
+  *,
+  rng: jax.Array,
+  image_shape,
+  method: str,
+  model_ema: bool = False,
 ) -> TrainState:
   """Initialises params, batch_stats, opt_state and (MESA) their EMA copies.
 
-  MESA's EMA starts at the initial weights and statistics (:math:`v_0 = \\theta_0`).
+  MESA's EMA and the model EMA start at the initial weights and statistics
+  (:math:`v_0 = \\theta_0`, as timm's ``ModelEmaV2``).
 
   Args:
     model: a Flax module (``init(rng, images, train=False)``).
@@ -49,6 +63,7 @@ def create_train_state(
     image_shape: (height, width, channels) of one example.
     method: the method name (``train_steps.METHODS``); only MESA (alone or composed,
       e.g. 'mesa+sam') allocates ``ema_params``.
+    model_ema: whether to allocate the evaluation-only ``model_ema_params``.
 
   Returns:
     A ``TrainState`` at step 0.
@@ -62,7 +77,9 @@ def create_train_state(
     batch_stats=batch_stats,
     opt_state=tx.init(params),
   )
+  copy = functools.partial(jax.tree.map, jnp.copy)
   if 'mesa' in method.split('+'):
-    copy = functools.partial(jax.tree.map, jnp.copy)
     state = state.replace(ema_params=copy(params), ema_batch_stats=copy(batch_stats))
+  if model_ema:
+    state = state.replace(model_ema_params=copy(params), model_ema_batch_stats=copy(batch_stats))
   return state

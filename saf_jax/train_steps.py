@@ -83,6 +83,7 @@ def make_train_step(
   lam: float = 0.0,
   tau: float = 1.0,
   ema_decay: float = 0.0,
+  model_ema_decay: float = 0.0,
   trajectory_active: bool = False,
   batch_axis_name: str | None = None,
   sam_step: bool | None = None,
@@ -109,6 +110,9 @@ def make_train_step(
     lam: :math:`\lambda \ge 0`, weight of the trajectory loss (Algorithm 1, line 11).
     tau: :math:`\tau > 0`, temperature of the trajectory loss (Eq. 9, 13).
     ema_decay: :math:`\beta \in (0, 1)` of MESA's EMA (Eq. 10); unused otherwise.
+    model_ema_decay: decay of the evaluation-only model EMA (``state.model_ema_params``,
+      updated after every step like MESA's, from the new params and batch_stats); 0 when
+      the state has none.
     trajectory_active: whether :math:`e > E_{start}` (Algorithm 1, line 10).
     batch_axis_name: None for the usual step under ``jit`` (the loss is the global
       batch's mean). For the per-device perturbation scope, the mesh axis over which the
@@ -204,6 +208,15 @@ def make_train_step(
         ema_params=transforms.ema_update(state.ema_params, new_params, ema_decay=ema_decay),
         ema_batch_stats=transforms.ema_update(
           state.ema_batch_stats, new_batch_stats, ema_decay=ema_decay
+        ),
+      )
+    if model_ema_decay > 0:
+      new_state = new_state.replace(
+        model_ema_params=transforms.ema_update(
+          state.model_ema_params, new_params, ema_decay=model_ema_decay
+        ),
+        model_ema_batch_stats=transforms.ema_update(
+          state.model_ema_batch_stats, new_batch_stats, ema_decay=model_ema_decay
         ),
       )
     metrics = {

@@ -303,6 +303,20 @@ def _validate_periods(config: ml_collections.ConfigDict) -> None:
     section, name = field.split('.')
     value = config[section][name]
     _require(_is_int(value) and value >= 1, field, value, 'an integer >= 1')
+  ema_decay = config.eval.get('ema_decay', 0.0)
+  _require(
+    _is_number(ema_decay) and 0 <= ema_decay < 1,
+    'eval.ema_decay',
+    ema_decay,
+    'a number in [0, 1) (0 = no model EMA)',
+  )
+  train_accuracy = config.eval.get('train_accuracy', False)
+  _require(isinstance(train_accuracy, bool), 'eval.train_accuracy', train_accuracy, 'True or False')
+  if train_accuracy and config.input.dataset == 'imagenet2012':  # The streamed dataset.
+    raise ValueError(
+      'config.eval.train_accuracy=True needs a dataset held in memory; '
+      'imagenet2012 is streamed from its files (set it to False).'
+    )
   every_steps = config.checkpoint.every_steps
   _require(
     _is_int(every_steps) and every_steps >= 0,

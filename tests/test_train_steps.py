@@ -184,6 +184,44 @@ def test_ema_closed_form_over_three_steps():
     _assert_trees_equal(getattr(history[-1], ema_field), want, exact=False)
 
 
+@pytest.mark.parametrize('method', ['sgd', 'mesa'])
+def test_model_ema_closed_form_and_its_own_decay(method):
+  """config.eval.ema_decay: any method's eval-only EMA, apart from MESA's teacher."""
+  beta, batches = 0.6, _batches(3)
+  model, tx, state = _setup(method)
+  state = train_state.create_train_state(
+    model, tx, rng=jax.random.key(0), image_shape=(4, 4, 1), method=method, model_ema=True
+  )
+  hparams = {'ema_decay': 0.9, 'lam': 0.8, 'tau': 5.0} if method == 'mesa' else {}
+  step = jax.jit(
+    train_steps.make_train_step(
+      model=model, tx=tx, method=method, model_ema_decay=beta, trajectory_active=True, **hparams
+    )
+  )
+  history = [state]
+  for batch in batches:
+    history.append(step(history[-1], batch)[0])
+  for field, ema_field in (
+    ('params', 'model_ema_params'),
+    ('batch_stats', 'model_ema_batch_stats'),
+  ):
+    thetas = [getattr(s, field) for s in history]
+    want = jax.tree.map(
+      lambda t0, t1, t2, t3: beta**3 * t0 + (1 - beta) * (beta**2 * t1 + beta * t2 + t3),
+      *thetas,
+    )
+    _assert_trees_equal(getattr(history[-1], ema_field), want, exact=False)
+  # It never enters the loss: the params are those of a run without it.
+  plain, _ = _run(method, batches, trajectory_active=True, **hparams)
+  _assert_trees_equal(history[-1].params, plain[-1].params)
+  if method == 'mesa':  # The teacher keeps its own decay (0.9), so the two differ.
+    assert not np.allclose(
+      history[-1].ema_params['Dense_0']['kernel'], history[-1].model_ema_params['Dense_0']['kernel']
+    )
+  else:
+    assert history[-1].ema_params is None
+
+
 def _tx_for(method, base):
   """The SAM-family transform a method uses around ``base`` (the base alone otherwise)."""
   _, perturbation = train_steps.split_method(method)
