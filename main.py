@@ -3,9 +3,15 @@ r"""Trains and evaluates an image classifier with SAF, MESA or vanilla SGD.
   python main.py --config configs/default.py --workdir runs/default
   python main.py --config configs/default.py:method=mesa --workdir runs/mesa \
       --config.optimizer.lr=0.1
+
+A mistake in the command (a bad or unknown config field, a missing dataset, a workdir of
+another run) prints one line, ``error: <message>``, on stderr and exits with status 2,
+before anything is compiled or written. ``--verbose`` (or ``SAF_JAX_VERBOSE=1``) shows
+the traceback instead.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,14 +19,63 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for config.json, metrics.jsonl, checkpoints.')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of an error, not one line.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+# What a command's mistakes raise (ValueError covers CheckpointError; FileNotFoundError
+# covers a missing dataset), and a non-finite loss that stops training.
+_USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, flags.Error)
+
+
+def _verbose(argv) -> bool:
+  return os.environ.get('SAF_JAX_VERBOSE', '') not in ('', '0') or any(
+    a in ('--verbose', '--verbose=true', '--verbose=True') for a in argv
+  )
+
+
+def _one_line(error: BaseException) -> str:
+  """The message of ``error`` on one line; an unknown config field with its suggestion."""
+  if isinstance(error, AttributeError | KeyError):  # ml_collections: an unknown field.
+    inner = error
+    while isinstance(inner, BaseException) and inner.args:
+      inner = inner.args[0]
+    name, _, hint = str(inner).partition('\n')
+    return f'--config has no field {name}. {hint}'.strip()
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if isinstance(error, flags.Error) and 'Traceback' in str(error):
+    # A config file's get_config raised: its own message is the last line.
+    flag = lines[0].split(': ', 1)[0]
+    return f'{flag}: {lines[-1].split(": ", 1)[-1]}'
+  if isinstance(error, OSError) and 'Failed loading config file' in str(error):
+    return f'--config: {lines[-1]}'
+  return ' '.join(lines)
+
+
+def _fail(error: BaseException, argv) -> None:
+  if _verbose(argv):
+    raise error
+  print(f'error: {_one_line(error)}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config mistakes as one line."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.get('seed')  # A config file that failed to load raises only when read.
+    return remaining
+  except (*_USER_ERRORS, OSError, AttributeError, KeyError) as e:
+    _fail(e, argv)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax logs every file it writes at INFO; keep the console to our own progress lines.
-  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  # JAX logs each accelerator backend it does not find (TPU, CUDA) at INFO.
+  logging.get_absl_handler().addFilter(
+    lambda record: 'orbax' not in record.pathname and 'xla_bridge' not in record.pathname
+  )
   # TensorFlow only feeds data: keep it off any accelerator so JAX owns its memory.
   import tensorflow as tf
 
@@ -47,8 +102,11 @@ def main(argv):
     jax.device_count(),
     jax.devices()[0].platform,
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except _USER_ERRORS as e:
+    _fail(e, sys.argv)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -118,6 +118,13 @@ def validate_config(
       config.input.augment,
       f'one of {list(allowed)} for dataset {dataset!r}',
     )
+    padding = config.input.crop_padding
+    _require(
+      _is_int(padding) and padding >= 0,
+      'input.crop_padding',
+      padding,
+      'an integer >= 0 (pixels)',
+    )
     buffer = config.input.get('shuffle_buffer', 1)
     _require(
       _is_int(buffer) and buffer >= 1, 'input.shuffle_buffer', buffer, 'an integer >= 1 (examples)'
@@ -346,7 +353,8 @@ def _validate_analysis(config: ml_collections.ConfigDict) -> None:
     'an integer >= 1',
   )
   num_train = config.input.num_train_examples
-  if every > 0 and _is_int(num_train) and num_train > 0 and _is_int(config.input.batch_size):
+  batch_size = config.input.batch_size
+  if every > 0 and _is_int(num_train) and num_train > 0 and _is_int(batch_size) and batch_size > 0:
     _require(
       num_batches * config.input.batch_size <= num_train,
       'analysis.sharpness_num_batches',

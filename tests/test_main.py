@@ -183,3 +183,48 @@ def test_per_device_run_refuses_to_resume_on_another_device_count(fashion_mnist_
   # The same command on the same device count finds the run finished.
   proc = _main(workdir, *args, scope, num_cpu_devices=2)
   assert 'all 1 epochs were already done' in proc.stdout
+
+
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith('error: ')]
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (('--config.optimizer.lrr=0.1',), '--config has no field \'lrr\'. Did you mean "lr"'),
+    (('--config.input.batch_size=0',), 'config.input.batch_size must be an integer >= 1, got 0.'),
+    (('--config.input.dataset=folder:/no/such/dir',), '/no/such/dir does not exist'),
+  ],
+)
+def test_a_mistake_is_one_error_line_and_status_2(fashion_mnist_data_dir, tmp_path, args, message):
+  proc = _main(
+    str(tmp_path / 'run'), 'method=saf,smoke', fashion_mnist_data_dir, *args, check=False
+  )
+  assert proc.returncode == 2
+  assert _error_lines(proc.stderr) == [f'error: {_error_lines(proc.stderr)[0][7:]}']
+  assert message in _error_lines(proc.stderr)[0]
+  assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(tmp_path / 'run' / 'config.json')
+  # --verbose shows the traceback instead.
+  proc = _main(
+    str(tmp_path / 'run'),
+    'method=saf,smoke',
+    fashion_mnist_data_dir,
+    *args,
+    '--verbose',
+    check=False,
+  )
+  assert proc.returncode != 0 and 'Traceback' in proc.stderr and not _error_lines(proc.stderr)
+
+
+def test_a_bad_config_argument_or_file_is_one_error_line(tmp_path):
+  for config, message in (
+    ('configs/default.py:methd=saf', "Unknown config argument 'methd' in 'methd=saf'"),
+    ('configs/no_such.py', "--config: [Errno 2] No such file or directory: 'configs/no_such.py'"),
+  ):
+    cmd = [sys.executable, 'main.py', f'--config={config}', f'--workdir={tmp_path}']
+    proc = subprocess.run(cmd, cwd=conftest.REPO_ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = _error_lines(proc.stderr)
+    assert message in line and 'Traceback' not in proc.stderr

@@ -178,7 +178,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fashion_mnist_data_di
     check=False,
   )
   assert proc.returncode != 0
-  assert 'FloatingPointError: Non-finite' in proc.stderr
+  assert 'error: Non-finite' in proc.stderr
   bad_step = int(re.search(r'Non-finite .* at step (\d+); training stopped', proc.stderr)[1])
   assert bad_step > 1
   # Every step before the bad one was saved (every_steps=1), and none from it on.
@@ -211,6 +211,6 @@ def test_damaged_checkpoint_is_refused_and_nothing_changes(
   listing = sorted(os.walk(workdir))
   proc = _main(workdir, f'method={method},smoke', fashion_mnist_data_dir, *RUN, check=False)
   assert proc.returncode != 0
-  assert f'CheckpointError: The checkpoint of step {latest} in' in proc.stderr
+  assert f'error: The checkpoint of step {latest} in' in proc.stderr
   assert 'cannot be read' in proc.stderr
   assert sorted(os.walk(workdir)) == listing

@@ -31,6 +31,9 @@ from saf_jax import checkpoint, validation
     ('mesh.param_sharding', 'fsdp', r"config.mesh.param_sharding must be one of \['replicated'\]"),
     ('method.saf.table_topk', -1, r'config.method.saf.table_topk must be an integer >= 0'),
     ('checkpoint.every_steps', -5, r'config.checkpoint.every_steps must be an integer >= 0'),
+    ('eval.ema_decay', 1.0, r'config.eval.ema_decay must be a number in \[0, 1\) \(0 = no model'),
+    ('eval.ema_decay', -0.5, r'config.eval.ema_decay must be a number in \[0, 1\)'),
+    ('eval.train_accuracy', 'yes', r"config.eval.train_accuracy must be True or False, got 'yes'"),
   ],
 )
 def test_saf_config_errors(field, value, match):
@@ -234,3 +237,59 @@ def test_analysis_fields_are_checked_even_when_training_does_not_measure():
   config.analysis.sharpness_every_epochs = 1
   with pytest.raises(ValueError, match='config.analysis.sharpness_num_batches'):
     validation.validate_config(config, num_devices=1)
+
+
+def test_train_accuracy_is_refused_for_streamed_imagenet():
+  config = default.get_config()
+  config.input.dataset = 'imagenet2012'
+  config.input.augment = 'inception_crop'
+  config.eval.train_accuracy = True
+  with pytest.raises(ValueError, match='train_accuracy=True needs a dataset held in memory'):
+    validation.validate_config(config, num_devices=1)
+
+
+def test_a_changed_model_ema_is_refused_on_resume_but_eval_fields_are_free(tmp_path):
+  """The model EMA is part of the checkpointed state; how often to evaluate is not."""
+  config = default.get_config()
+  checkpoint.write_config(config, str(tmp_path))
+  config.eval.every_epochs = 3
+  config.eval.train_accuracy = True
+  checkpoint.check_workdir(config, str(tmp_path))
+  config.eval.ema_decay = 0.99
+  with pytest.raises(ValueError, match=r'eval.ema_decay: workdir has 0.0, config has 0.99'):
+    checkpoint.check_workdir(config, str(tmp_path))
+  # A config.json written before the field existed resumes with the model EMA off.
+  with open(tmp_path / 'config.json') as f:
+    old = json.load(f)
+  del old['eval']['ema_decay']
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(old, f)
+  config.eval.ema_decay = 0.0
+  checkpoint.check_workdir(config, str(tmp_path))
+
+
+def _int_fields(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _int_fields(value, f'{prefix}{key}.')
+    elif isinstance(value, int) and not isinstance(value, bool):
+      yield f'{prefix}{key}'
+
+
+@pytest.mark.parametrize('arg', ['method=saf', 'method=mesa,smoke', 'method=looksam'])
+@pytest.mark.parametrize('value', [0, -1])
+def test_every_integer_field_at_zero_and_minus_one_names_itself_or_passes(arg, value):
+  """No field value crashes validation (e.g. ZeroDivisionError at batch_size=0)."""
+  fields = list(_int_fields(default.get_config(arg)))
+  assert 'input.batch_size' in fields and 'method.saf.E_tilde' in fields
+  for field in fields:
+    config = default.get_config(arg)
+    section, _, name = field.rpartition('.')
+    target = config
+    for part in filter(None, section.split('.')):
+      target = target[part]
+    target[name] = value
+    try:
+      validation.validate_config(config, num_devices=1)
+    except ValueError as e:
+      assert f'config.{field} ' in str(e), (field, str(e))
