@@ -611,6 +611,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.input, seed=config.seed, process_count=jax.process_count()
   )
   analysis = config.analysis
+  if datasets.info.num_train < config.input.batch_size:
+    raise ValueError(
+      f'config.input.batch_size={config.input.batch_size} is larger than the '
+      f'{datasets.info.num_train} training examples of {config.input.dataset}: use a batch '
+      f'size of at most {datasets.info.num_train}.'
+    )
   max_batches = datasets.info.num_train // config.input.batch_size
   if analysis.sharpness_every_epochs > 0 and analysis.sharpness_num_batches > max_batches:
     raise ValueError(
@@ -669,7 +675,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoint.write_config(config, workdir)
     writers = [
       metrics.JsonlWriter(workdir, keep_epochs_up_to=done_epochs),
-      metrics.TensorBoardWriter(workdir, keep_epochs_up_to=done_epochs),
+      metrics.TensorBoardWriter(workdir, keep_steps_up_to=done_epochs * spe),
     ]
   if analysis.sharpness_every_epochs > 0:
     # Fig. 4b of Du et al. 2022: SAM's sharpness on fixed, unaugmented training batches.

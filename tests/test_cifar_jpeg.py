@@ -206,3 +206,14 @@ def test_main_trains_on_a_real_slice_of_the_cifar10_archive(tmp_path):
   assert 'train_eval/accuracy=' in proc.stdout
   (cached,) = os.listdir(tmp_path / 'data_dir' / image_folder.CACHE_DIR)
   assert cached.startswith('slice.tar.gz.')
+
+
+def test_a_folder_smaller_than_one_batch_names_the_batch_and_the_examples(tmp_path):
+  from saf_jax import train
+
+  config = cifar.get_config('budget=cpu')
+  config.input.dataset = f'folder:{_write_folder(tmp_path / "folder")}'
+  config.input.num_train_examples = config.input.num_test_examples = -1
+  with pytest.raises(ValueError, match=r'batch_size=128 is larger than the 15 training examples'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'config.json')
