@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
@@ -340,15 +341,17 @@ def run_landscape(
   directions = landscape.random_directions(jax.random.key(direction_seed), params)
   flat = [np.asarray(ravel_pytree(d)[0], np.float64) for d in directions]
   cosine = float(flat[0] @ flat[1] / (np.linalg.norm(flat[0]) * np.linalg.norm(flat[1])))
-  values = landscape.loss_surface(
-    landscape.model_metrics_fn(run.experiment.model, batch_stats),
-    params,
-    directions,
-    coords,
-    coords,
-    batches,
-    chunk_size=chunk_size,
-  )
+  with tqdm.tqdm(total=grid * grid, desc='landscape grid points', leave=False) as bar:
+    values = landscape.loss_surface(
+      landscape.model_metrics_fn(run.experiment.model, batch_stats),
+      params,
+      directions,
+      coords,
+      coords,
+      batches,
+      chunk_size=chunk_size,
+      progress=bar.update,
+    )
   meta = _describe(run, weights) | {
     'grid': grid,
     'extent': extent,

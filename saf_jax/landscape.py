@@ -131,6 +131,7 @@ def loss_surface(
   batches: Sequence[Any],
   *,
   chunk_size: int = 1,
+  progress: Callable[[int], None] | None = None,
 ) -> Any:
   r""":math:`f(a, b) = \mathrm{metrics}(\theta + a\delta + b\eta)` on the grid ``ys x xs``.
 
@@ -150,6 +151,8 @@ def loss_surface(
     ys: float [ny], the coefficients :math:`b` of ``directions[1]``.
     batches: equally sized batches (at least one).
     chunk_size: grid points per vectorised call (memory grows linearly with it).
+    progress: called with the number of grid points just finished after each chunk (e.g.
+      a progress bar's ``update``); the calls add up to ``len(xs) * len(ys)``.
 
   Returns:
     ``metrics_fn``'s structure with each scalar replaced by a float64 [ny, nx] array whose
@@ -192,5 +195,7 @@ def loss_surface(
       chunk = out if chunk is None else jax.tree.map(jnp.add, chunk, out)
     chunk = jax.tree.map(lambda v: np.asarray(v, np.float64) / len(batches), chunk)
     totals = [chunk] if totals is None else totals + [chunk]
+    if progress is not None:
+      progress(min(chunk_size, num_points - start))
   flat = jax.tree.map(lambda *parts: np.concatenate(parts)[:num_points], *totals)
   return jax.tree.map(lambda v: v.reshape(len(ys), len(xs)), flat)

@@ -258,7 +258,12 @@ def test_loss_surface_chunk_size_does_not_change_grid(chunk_size):
   xs = landscape.grid_coordinates(3)
   batches = [jnp.linspace(-1.0, 2.0, 18), jnp.linspace(0.5, 1.0, 18)]
   reference = landscape.loss_surface(fn, params, [d1, d2], xs, xs, batches, chunk_size=1)
-  got = landscape.loss_surface(fn, params, [d1, d2], xs, xs, batches, chunk_size=chunk_size)
+  done = []
+  got = landscape.loss_surface(
+    fn, params, [d1, d2], xs, xs, batches, chunk_size=chunk_size, progress=done.append
+  )
+  # Progress adds up to the grid (the padded last chunk counts only its real points).
+  assert sum(done) == len(xs) ** 2 and len(done) == -(-(len(xs) ** 2) // chunk_size)
   for key in reference:
     assert got[key].shape == (3, 3)
     np.testing.assert_allclose(got[key], reference[key], rtol=1e-6, atol=1e-7, err_msg=key)
