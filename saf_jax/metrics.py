@@ -56,29 +56,32 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-  """Writes each record's numeric values as TensorBoard scalars, at step ``record['epoch']``.
+  """Writes each record's numeric values as TensorBoard scalars at the global step.
+
+  As the Flax examples do: the x axis is ``record['step']`` (optimizer steps so far) and
+  the epoch is a scalar of its own, ``epoch``.
 
   Attributes:
     logdir: the directory holding the event files (the workdir).
   """
 
-  def __init__(self, workdir: str, *, keep_epochs_up_to: int):
+  def __init__(self, workdir: str, *, keep_steps_up_to: int):
     """Opens an event file in ``workdir``.
 
     Args:
       workdir: the run's directory.
-      keep_epochs_up_to: the last epoch whose scalars are kept; TensorBoard discards the
-        events of later epochs (a resumed run rewrites them), via tensorboardX's
-        ``purge_step``.
+      keep_steps_up_to: the last global step whose scalars are kept (the end of the last
+        epoch a resumed run keeps); TensorBoard discards the events of later steps (a
+        resumed run rewrites them), via tensorboardX's ``purge_step``.
     """
     self.logdir = workdir
-    self._writer = tensorboardX.SummaryWriter(logdir=workdir, purge_step=keep_epochs_up_to + 1)
+    self._writer = tensorboardX.SummaryWriter(logdir=workdir, purge_step=keep_steps_up_to + 1)
 
   def write(self, record: dict[str, Any]) -> None:
-    """Adds every finite int or float of ``record`` except ``epoch`` as a scalar; flushes."""
-    step = record['epoch']
+    """Adds every finite int or float of ``record`` except ``step`` as a scalar; flushes."""
+    step = record['step']
     for key, value in record.items():
-      if key == 'epoch' or isinstance(value, str | bool) or value is None:
+      if key == 'step' or isinstance(value, str | bool) or value is None:
         continue
       if math.isfinite(float(value)):
         self._writer.add_scalar(key, float(value), global_step=step)

@@ -394,33 +394,39 @@ def test_tensorboard_events_match_metrics_jsonl(workdirs):
   workdir = workdirs['mesa']
   records = _records(workdir)
   accumulator = _scalars(workdir)
-  numeric = {
-    k for r in records for k, v in r.items() if k != 'epoch' and isinstance(v, int | float)
-  }
-  assert set(accumulator.Tags()['scalars']) == numeric
-  for tag in ('train/sam_sharpness', 'test/accuracy', 'test_ema/accuracy', 'train/ce_loss'):
+  numeric = {k for r in records for k, v in r.items() if k != 'step' and isinstance(v, int | float)}
+  assert set(accumulator.Tags()['scalars']) == numeric  # The epoch is a scalar of its own.
+  steps = [r['step'] for r in records]
+  assert steps == [e * steps[0] for e in range(1, SMOKE_EPOCHS + 1)] and steps[0] > 1
+  for tag in ('epoch', 'train/sam_sharpness', 'test/accuracy', 'test_ema/accuracy'):
     events = accumulator.Scalars(tag)
-    assert [e.step for e in events] == list(range(1, SMOKE_EPOCHS + 1)), tag
+    assert [e.step for e in events] == steps, tag  # At the global step, as Flax logs.
     np.testing.assert_allclose(
       [e.value for e in events], [r[tag] for r in records], rtol=1e-6, err_msg=tag
     )
 
 
+_STEPS_PER_EPOCH = 7
+
+
 def _write_epochs(workdir, epochs, value, *, keep_epochs_up_to):
   writers = [
     metrics.JsonlWriter(workdir, keep_epochs_up_to=keep_epochs_up_to),
-    metrics.TensorBoardWriter(workdir, keep_epochs_up_to=keep_epochs_up_to),
+    metrics.TensorBoardWriter(workdir, keep_steps_up_to=_STEPS_PER_EPOCH * keep_epochs_up_to),
   ]
   for epoch in epochs:
     for writer in writers:
-      writer.write({'epoch': epoch, 'x': value + epoch, 'note': 'text'})
+      record = {'epoch': epoch, 'step': _STEPS_PER_EPOCH * epoch, 'x': value + epoch}
+      writer.write(record | {'note': 'text'})
   writers[1].close()
 
 
 def _series(workdir):
   records = _records(workdir)
   events = _scalars(workdir).Scalars('x')
-  return [(r['epoch'], r['x']) for r in records], [(e.step, e.value) for e in events]
+  return [(r['epoch'], r['x']) for r in records], [
+    (e.step // _STEPS_PER_EPOCH, e.value) for e in events
+  ]
 
 
 def test_resumed_run_rewrites_the_epochs_after_its_checkpoint(tmp_path):
@@ -435,7 +441,7 @@ def test_resumed_run_rewrites_the_epochs_after_its_checkpoint(tmp_path):
   expected = [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
   assert jsonl == expected
   assert events == expected
-  assert sorted(_scalars(workdir).Tags()['scalars']) == ['x']
+  assert sorted(_scalars(workdir).Tags()['scalars']) == ['epoch', 'x']
 
 
 def test_restart_before_the_first_checkpoint_rewrites_every_epoch(tmp_path):
