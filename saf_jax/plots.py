@@ -93,17 +93,22 @@ def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: str) -> 
         epochs, values = _series(records, 'test_ema/accuracy')
         if epochs:
           ax.plot(epochs, values, linestyle='--', color=color, label=f'{label} (EMA)')
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel('epoch')
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if drawn:
-      ax.legend(fontsize=8)
-    else:
-      ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes)
+    _style_epoch_axes(ax, title, ylabel, drawn)
   fig.tight_layout()
   _save(fig, path)
+
+
+def _style_epoch_axes(ax, title: str, ylabel: str, drawn: bool) -> None:
+  """Title, integer epoch axis, grid, and a legend (or 'not logged' when nothing was drawn)."""
+  ax.set_title(title, fontsize=10)
+  ax.set_xlabel('epoch')
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend(fontsize=8)
+  else:
+    ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes)
 
 
 def plot_comparison(runs: dict[str, Sequence[list[dict[str, Any]]]], path: str) -> None:
@@ -128,22 +133,18 @@ def plot_comparison(runs: dict[str, Sequence[list[dict[str, Any]]]], path: str) 
   )
   colors = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   for ax, (key, title, ylabel) in zip(fig.subplots(1, 2), panels, strict=True):
+    drawn = False
     for i, (method, seeds) in enumerate(runs.items()):
       epochs, mean, std = mean_over_seeds(seeds, key)
       if not epochs:
         continue
       color = colors[i % len(colors)]
-      ax.plot(
-        epochs, mean, marker='o', markersize=3, color=color, label=f'{method} (n={len(seeds)})'
-      )
+      label = f'{method} (n={len(seeds)})'
+      ax.plot(epochs, mean, marker='o', markersize=3, color=color, label=label)
       if len(seeds) > 1:
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel('epoch')
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+      drawn = True
+    _style_epoch_axes(ax, title, ylabel, drawn)
   fig.tight_layout()
   _save(fig, path)
 
