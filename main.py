@@ -54,7 +54,7 @@ def _one_line(error: BaseException) -> str:
 def _fail(error: BaseException, argv) -> None:
   if _verbose(argv):
     raise error
-  print(f'error: {_one_line(error)}', file=sys.stderr, flush=True)
+  print(f'error: {_one_line(error)} (--verbose shows the traceback)', file=sys.stderr, flush=True)
   sys.exit(2)
 
 

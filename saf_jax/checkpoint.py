@@ -29,12 +29,15 @@ import shutil
 import time
 from typing import Any
 
+import flax.struct
 import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from saf_jax import train_state
 
 # Fields that may differ between a run and its resumption (they do not change training).
 _RESUME_FREE = (
@@ -51,6 +54,39 @@ _RESUME_FREE = (
   'distributed',
   'method.saf.table_memmap',
 )
+
+
+@flax.struct.dataclass
+class _StateWithoutModelEma:
+  """``TrainState`` as saved before the model EMA existed, and whenever it is off.
+
+  Orbax records every field, None ones too, as a key of the saved tree. Saving a state
+  without a model EMA in this shape keeps such checkpoints readable by, and identical to,
+  those of earlier versions.
+  """
+
+  step: Any
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any = None
+  ema_batch_stats: Any = None
+
+
+_WITHOUT_MODEL_EMA = ('step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats')
+
+
+def _to_disk(state: Any) -> Any:
+  """The tree saved for ``state``: without the model EMA's keys when it has none."""
+  if state.model_ema_params is None and state.model_ema_batch_stats is None:
+    return _StateWithoutModelEma(**{f: getattr(state, f) for f in _WITHOUT_MODEL_EMA})
+  return state
+
+
+def _from_disk(restored: Any) -> Any:
+  if isinstance(restored, _StateWithoutModelEma):
+    return train_state.TrainState(**{f: getattr(restored, f) for f in _WITHOUT_MODEL_EMA})
+  return restored
 
 
 def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
@@ -264,7 +300,7 @@ class Checkpointer:
     """
     if table is not None:
       self._table.save(step, table)
-    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+    items = {'state': ocp.args.StandardSave(_to_disk(state)), 'meta': ocp.args.JsonSave(meta)}
     if not self._state.save(step, args=ocp.args.Composite(**items)):
       raise CheckpointError(
         f'Orbax declined to save step {step} in {self.workdir!r}: it holds a checkpoint at '
@@ -310,7 +346,7 @@ class Checkpointer:
       restored = self._state.restore(
         step,
         args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+          state=ocp.args.StandardRestore(_to_disk(abstract_state)), meta=ocp.args.JsonRestore()
         ),
       )
     except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
@@ -321,7 +357,7 @@ class Checkpointer:
       # and whole.
       time.sleep(_SETTLE_SECONDS)
       raise self._unreadable(step, e) from e
-    return restored.state, table, restored.meta
+    return _from_disk(restored.state), table, restored.meta
 
   def _unreadable(self, step: int, error: Exception) -> CheckpointError:
     first = '\n'.join(str(error).splitlines()[:2])

@@ -163,10 +163,13 @@ def balanced_subset(labels: np.ndarray, num_examples: int, num_classes: int, fie
     share = num_examples // num_classes + (1 if c < num_examples % num_classes else 0)
     positions = np.flatnonzero(labels == c)
     if len(positions) < share:
+      # The largest N that works: C * m, plus one for each class before the first of the
+      # smallest classes (count m), which take the remainder first.
+      counts = np.bincount(labels, minlength=num_classes)
+      largest = num_classes * counts.min() + int(np.argmin(counts))
       raise ValueError(
         f'config.input.{field}={num_examples} takes {share} examples of class {c} (a '
-        f'class-balanced subset), but it has only {len(positions)}; use at most '
-        f'{num_classes * min(np.bincount(labels, minlength=num_classes))}.'
+        f'class-balanced subset), but it has only {len(positions)}; use at most {largest}.'
       )
     keep.append(positions[:share])
   return np.sort(np.concatenate(keep))
@@ -235,7 +238,7 @@ def _archive_listing(root: str) -> Listing:
 def _check_listing(root: str, listing: Listing) -> list[str]:
   """The sorted train classes, after checking the layout (see :func:`folder_classes`)."""
   for split in SPLITS:
-    where = f'{root}:{split}/' if is_archive(root) else os.path.join(root, split)
+    where = f'{root}:{split}' if is_archive(root) else os.path.join(root, split)
     if split not in listing:
       raise ValueError(
         f"config.input.dataset='{FOLDER_PREFIX}{root}' needs {where}/<class>/*.jpg|png "

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -91,9 +92,11 @@ def test_subsets_are_class_balanced_and_keep_the_first_files_of_each_class(tmp_p
   assert len(image_folder.balanced_subset(labels, 20, 10, 'num_train_examples')) == 20
   with pytest.raises(
     ValueError,
-    match=r'num_train_examples=30 takes 3 examples of class 9 .* has only 2; use at most 20',
+    match=r'num_train_examples=30 takes 3 examples of class 9 .* has only 2; use at most 29',
   ):
     image_folder.balanced_subset(labels, 30, 10, 'num_train_examples')
+  # 29 works: 3 of each of the classes 0-8 and the 2 of class 9.
+  assert len(image_folder.balanced_subset(labels, 29, 10, 'num_train_examples')) == 29
   with pytest.raises(ValueError, match='num_test_examples=99 but the split has only 47'):
     image_folder.balanced_subset(labels, 99, 10, 'num_test_examples')
 
@@ -108,7 +111,7 @@ def test_bad_archives_are_refused_with_the_path(tmp_path):
   folder = _write_folder(tmp_path / 'folder')
   with tarfile.open(tmp_path / 'no_test.tar', 'w') as archive:
     archive.add(os.path.join(folder, 'train'), arcname='x/train')
-  with pytest.raises(ValueError, match=r'no_test.tar:test/ is not a directory'):
+  with pytest.raises(ValueError, match=r'no_test.tar:test is not a directory'):
     _load(str(tmp_path / 'no_test.tar'), str(tmp_path))
 
 
@@ -217,3 +220,45 @@ def test_a_folder_smaller_than_one_batch_names_the_batch_and_the_examples(tmp_pa
   with pytest.raises(ValueError, match=r'batch_size=128 is larger than the 15 training examples'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'config.json')
+
+
+def _tiny_run(tmp_path, **eval_fields):
+  config = cifar.get_config('budget=cpu,method=saf')
+  config.input.dataset = f'folder:{_write_folder(tmp_path / "folder", per_class=(8, 2))}'
+  config.input.num_train_examples = config.input.num_test_examples = -1
+  config.input.batch_size = config.input.eval_batch_size = 8
+  config.model.width = 4
+  config.num_epochs = 3
+  config.analysis.sharpness_every_epochs = 0
+  config.eval.every_epochs = config.checkpoint.every_epochs = 1
+  for key, value in eval_fields.items():
+    config.eval[key] = value
+  return config
+
+
+def test_the_model_ema_resumes_exactly_and_off_it_leaves_the_checkpoint_format_alone(tmp_path):
+  from saf_jax import checkpoint, train
+
+  config = _tiny_run(tmp_path, ema_decay=0.5)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  # Resume from epoch 2: drop epoch 3's checkpoint (its metrics line is rewritten).
+  train.train_and_evaluate(config, str(tmp_path / 'b'))
+  steps = checkpoint.saved_steps(str(tmp_path / 'b'))
+  shutil.rmtree(tmp_path / 'b' / 'checkpoints' / str(steps[-1]))
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert resumed['test_model_ema/loss'] == straight['test_model_ema/loss']
+  assert resumed['test_model_ema/accuracy'] == straight['test_model_ema/accuracy']
+
+  # With the model EMA, the saved state has its keys; without it, the tree of earlier
+  # versions (no model_ema keys), so their checkpoints still restore.
+  def metadata(workdir):
+    step = checkpoint.saved_steps(workdir)[-1]
+    return (tmp_path / workdir / 'checkpoints' / str(step) / 'state' / '_METADATA').read_text()
+
+  assert 'model_ema_params' in metadata(str(tmp_path / 'b'))
+  off = _tiny_run(tmp_path, ema_decay=0.0)
+  off.num_epochs = 1
+  record = train.train_and_evaluate(off, str(tmp_path / 'c'))
+  assert 'test_model_ema/accuracy' not in record
+  assert 'model_ema' not in metadata(str(tmp_path / 'c'))
+  assert 'ema_params' in metadata(str(tmp_path / 'c'))  # The old tree's keys.

@@ -14,7 +14,7 @@ EXAMPLES = ('sam_any_optimizer.py', 'mesa_ema_teacher.py', 'saf_logit_table.py')
 
 @pytest.mark.parametrize('name', EXAMPLES)
 def test_example_runs_and_its_checks_pass(name, tmp_path):
-  # From another directory, as a user would copy it: only the installed saf_jax is used.
+  # From another directory, as a user would run a copy of it (saf_jax from this checkout).
   env = {**os.environ, 'PYTHONPATH': REPO_ROOT}
   path = os.path.join(REPO_ROOT, 'examples', name)
   proc = subprocess.run(
