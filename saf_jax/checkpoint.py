@@ -77,8 +77,13 @@ _WITHOUT_MODEL_EMA = ('step', 'params', 'batch_stats', 'opt_state', 'ema_params'
 
 
 def _to_disk(state: Any) -> Any:
-  """The tree saved for ``state``: without the model EMA's keys when it has none."""
-  if state.model_ema_params is None and state.model_ema_batch_stats is None:
+  """The tree saved for ``state``: a ``TrainState`` without the model EMA's keys when it has
+  none; any other pytree as it is."""
+  if (
+    isinstance(state, train_state.TrainState)
+    and state.model_ema_params is None
+    and state.model_ema_batch_stats is None
+  ):
     return _StateWithoutModelEma(**{f: getattr(state, f) for f in _WITHOUT_MODEL_EMA})
   return state
 
