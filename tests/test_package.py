@@ -24,6 +24,7 @@ print(saf_jax.__file__)
 
 def _copy_project(dest):
   """The files a build reads, so that building writes nothing into the repository."""
+  os.makedirs(dest)
   for name in ('pyproject.toml', 'README.md', 'LICENSE'):
     shutil.copy(os.path.join(REPO_ROOT, name), dest)
   shutil.copytree(

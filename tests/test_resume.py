@@ -160,8 +160,11 @@ def test_resume_on_another_device_count(reference_runs, fashion_mnist_data_dir, 
   # epoch means differed by a relative 7e-5 after epoch 1 and 6e-4 after epoch 3 (measured).
   for key in ('train/loss', 'train/ce_loss'):
     np.testing.assert_allclose(got[0][key], want[0][key], rtol=1e-3, err_msg=key)
-  for key in ('train/loss', 'train/trajectory_loss', 'test/loss', 'test/accuracy'):
+  for key in ('train/loss', 'train/trajectory_loss', 'test/loss'):
     np.testing.assert_allclose(got[-1][key], want[-1][key], rtol=5e-3, err_msg=key)
+  # Top-1 over the 256 test examples: at most one prediction may flip (one did with the
+  # versions of requirements-lock.txt).
+  assert abs(got[-1]['test/accuracy'] - want[-1]['test/accuracy']) <= 1 / 256 + 1e-9
   assert got[-1]['train/table_valid_fraction'] == 1.0
 
 

@@ -84,6 +84,7 @@ def test_run_error_reads_an_int8_run(fashion_mnist_data_dir, tmp_path):
   logits = arrays['values'] * arrays['row_scale'][..., None] + arrays['row_min'][..., None]
   want = float(losses.trajectory_loss(logits[1], logits[0], temperature=config.method.saf.tau))
   errors = report['errors']
-  np.testing.assert_allclose(errors['float32']['trajectory_loss_full'], want, rtol=1e-5)
+  # float32 on two paths (the report's batched loss, this direct one): 1.8e-5 apart.
+  np.testing.assert_allclose(errors['float32']['trajectory_loss_full'], want, rtol=1e-4)
   # Quantising already quantised logits again finds the same codes.
   assert errors['int8']['rel_error'] < 1e-6 < errors['top-3']['rel_error']

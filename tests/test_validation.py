@@ -33,7 +33,6 @@ from saf_jax import checkpoint, validation
     ('checkpoint.every_steps', -5, r'config.checkpoint.every_steps must be an integer >= 0'),
     ('eval.ema_decay', 1.0, r'config.eval.ema_decay must be a number in \[0, 1\) \(0 = no model'),
     ('eval.ema_decay', -0.5, r'config.eval.ema_decay must be a number in \[0, 1\)'),
-    ('eval.train_accuracy', 'yes', r"config.eval.train_accuracy must be True or False, got 'yes'"),
   ],
 )
 def test_saf_config_errors(field, value, match):
