@@ -230,20 +230,28 @@ class StreamedDatasets:
     return self._batches(ds, transform, batch_size, drop_remainder=True)
 
   def test_batches(
-    self, *, batch_size: int, process_index: int = 0, process_count: int = 1
+    self,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = 'test',
   ) -> Iterator[dict[str, np.ndarray]]:
     """Iterates once, in TFDS order and center-cropped, over this process's test examples.
 
     The contract of :meth:`saf_jax.input_pipeline.Datasets.test_batches`: process ``p``
     reads block ``p`` of :func:`~saf_jax.input_pipeline.process_test_block`, every process yields
     the same number of batches, and the last ones are padded (``'mask'`` 0, index -1).
-    Images are float32 [batch_size, S, S, 3], normalised.
+    Images are float32 [batch_size, S, S, 3], normalised. Only ``split='test'``: the
+    streamed training split is not evaluated (``config.eval.train_accuracy`` is refused).
 
     Raises:
-      ValueError: if ``batch_size < 1``.
+      ValueError: if ``batch_size < 1`` or ``split`` is not 'test'.
     """
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
+    if split != 'test':
+      raise ValueError(f"Streamed datasets evaluate split='test' only, got {split!r}.")
     first, last, num_batches = input_pipeline.process_test_block(
       self.info.num_test, batch_size, process_index, process_count
     )

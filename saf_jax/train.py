@@ -771,8 +771,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for prefix, split, (params, batch_stats) in evals:
           batches = datasets.test_batches(
             batch_size=config.input.eval_batch_size // jax.process_count(),
+            split=split,
             **processes,
-            **({'split': split} if split != 'test' else {}),  # Streamed data: test only.
           )
           result = evaluate(eval_fn, params, batch_stats, batches, exp.data)
           record.update({f'{prefix}/{k}': v for k, v in result.items()})
