@@ -71,15 +71,10 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Orbax logs every file it writes at INFO; keep the console to our own progress lines.
-  # JAX logs each accelerator backend it does not find (TPU, CUDA) at INFO.
-  logging.get_absl_handler().addFilter(
-    lambda record: 'orbax' not in record.pathname and 'xla_bridge' not in record.pathname
-  )
-  # TensorFlow only feeds data: keep it off any accelerator so JAX owns its memory.
-  import tensorflow as tf
+  # TensorFlow quietly and off the accelerators; the console keeps to our own lines.
+  from saf_jax import tf_runtime
 
-  tf.config.set_visible_devices([], 'GPU')
+  tf_runtime.quiet_console()
   import jax
 
   dist = FLAGS.config.distributed

@@ -39,7 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
 from saf_jax import checkpoint, landscape, plots, sharpness
@@ -519,7 +519,9 @@ def _check_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  from saf_jax import tf_runtime  # TensorFlow, quietly; and a quiet console.
+
+  tf_runtime.quiet_console()
   _check_flags()
   tools, workdirs = FLAGS.tools, FLAGS.workdir
   subset = {'subset_seed': FLAGS.subset_seed}

@@ -193,9 +193,9 @@ def _timed(run, datasets, *, steps):
 def main(argv):
   del argv
   if not FLAGS.synthetic:
-    import tensorflow as tf
+    from saf_jax import tf_runtime  # TensorFlow, quietly and off the GPUs.
 
-    tf.config.set_visible_devices([], 'GPU')
+    tf_runtime.quiet_console()
   start = time.perf_counter()
   if FLAGS.input_only:
     timings = input_throughput(FLAGS.config, rounds=FLAGS.rounds, steps=FLAGS.steps)

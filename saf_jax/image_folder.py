@@ -25,8 +25,9 @@ import tarfile
 from collections.abc import Callable
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
+
+from saf_jax.tf_runtime import tf
 
 # config.input.dataset = FOLDER_PREFIX + root: an image folder or an archive of one.
 FOLDER_PREFIX = 'folder:'

@@ -49,17 +49,10 @@ from collections.abc import Iterator, Mapping
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
 from saf_jax import image_folder, sharding
-
-try:
-  # JAX owns the accelerators; TensorFlow only feeds batches from host memory.
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError as e:  # TF was initialised before this import; it may already hold a GPU.
-  logging.warning('Could not hide GPUs from TensorFlow: %s', e)
+from saf_jax.tf_runtime import tf, tfds
 
 # Where Debian's `dataset-fashion-mnist` package installs the Fashion-MNIST IDX files.
 FASHION_MNIST_IDX_DIR = '/usr/share/datasets/fashion-mnist'

@@ -59,11 +59,10 @@ from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
 from saf_jax import input_pipeline
+from saf_jax.tf_runtime import tf, tfds
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ order and schedule, so runs of any two methods with one seed are directly compar
 import dataclasses
 import functools
 import itertools
-import logging
 import os
 import signal
 import threading
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
@@ -479,6 +479,40 @@ def build_experiment(
   return exp
 
 
+# The accuracies of the console's epoch line: (record prefix, label).
+_EPOCH_LINE_ACCURACIES = (
+  ('test', 'test'),
+  ('test_ema', 'teacher'),
+  ('test_model_ema', 'EMA'),
+  ('train_eval', 'train-eval'),
+)
+
+
+def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
+  """One epoch's console line, under 120 characters; ``metrics.jsonl`` has every metric.
+
+  Args:
+    record: an epoch's record as written to ``metrics.jsonl`` (``epoch``, ``train/loss``,
+      ``train/accuracy``, ``train/images_per_sec`` and, in epochs that evaluate,
+      ``<prefix>/accuracy`` for the test set, MESA's teacher, the model EMA, train-eval).
+    num_epochs: the run's number of epochs.
+
+  Returns:
+    e.g. ``epoch 3/4  loss 2.062  top-1 33.2%  test 32.8%  2390 images/s``: the training
+    loss and top-1 are the epoch's means over its steps (augmented batches).
+  """
+  parts = [
+    f'epoch {record["epoch"]}/{num_epochs}',
+    f'loss {record["train/loss"]:.4g}',
+    f'top-1 {100 * record["train/accuracy"]:.1f}%',
+  ]
+  for prefix, label in _EPOCH_LINE_ACCURACIES:
+    if f'{prefix}/accuracy' in record:
+      parts.append(f'{label} {100 * record[f"{prefix}/accuracy"]:.1f}%')
+  parts.append(f'{record["train/images_per_sec"]:.0f} images/s')
+  return '  '.join(parts)
+
+
 class _Preemption:
   """Turns SIGTERM into a request to save and stop after the current step.
 
@@ -783,11 +817,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopping = preemption.signal_received  # Read once: it may turn True at any moment.
       if last or epoch % config.checkpoint.every_epochs == 0 or stopping:
         save(position)
-      logging.info(
-        'epoch %d: %s',
-        epoch,
-        ', '.join(f'{k}={v:.4g}' for k, v in record.items() if isinstance(v, float)),
-      )
+      logging.info('%s', epoch_line(record, config.num_epochs))
       if stopping and not last:
         break
   ckpt.close()

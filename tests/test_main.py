@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ def _main(workdir, config_arg, data_dir, *overrides, check=True, num_cpu_devices
     f'--config.input.data_dir={data_dir}',
     *overrides,
   ]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  env = dict(os.environ)  # TensorFlow's own log level unset: main.py keeps the console quiet.
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)
   if num_cpu_devices is not None:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_cpu_devices}'
   proc = subprocess.run(
@@ -42,18 +44,18 @@ def _records(workdir):
 
 @pytest.fixture(scope='module')
 def smoke_runs(fashion_mnist_data_dir, tmp_path_factory):
-  """One smoke run of each method, same seed: {method: (workdir, records, stdout)}."""
+  """One smoke run of each method, same seed: {method: (workdir, records, stdout, stderr)}."""
   runs = {}
   for method in ('sgd', 'saf', 'mesa', *SAM_FAMILY_RUNS):
     workdir = str(tmp_path_factory.mktemp(method.replace('+', '_')))
     proc = _main(workdir, f'method={method},smoke', fashion_mnist_data_dir)
-    runs[method] = (workdir, _records(workdir), proc.stdout)
+    runs[method] = (workdir, _records(workdir), proc.stdout, proc.stderr)
   return runs
 
 
 @pytest.mark.parametrize('method', ['sgd', 'saf', 'mesa', *SAM_FAMILY_RUNS])
 def test_smoke_run_writes_metrics_and_config(smoke_runs, method):
-  workdir, records, stdout = smoke_runs[method]
+  workdir, records, stdout, _ = smoke_runs[method]
   assert [r['epoch'] for r in records] == list(range(1, SMOKE_EPOCHS + 1))
   steps_per_epoch = 512 // 64
   assert [r['step'] for r in records] == [steps_per_epoch * e for e in range(1, 5)]
@@ -89,14 +91,33 @@ def test_smoke_run_writes_metrics_and_config(smoke_runs, method):
     assert json.load(f)['method']['name'] == method
 
 
+def test_console_is_start_up_quiet_with_short_epoch_lines(smoke_runs):
+  _, records, _, stderr = smoke_runs['mesa']
+  # TensorFlow's start-up lines (printed before its logging starts), TFDS's file notices.
+  for noise in ('absl::InitializeLog', 'oneDNN', 'cpu_feature_guard', 'dataset_info.py'):
+    assert noise not in stderr, noise
+  # absl's prefix shortened to 'I 23:42:38 train.py] ', then the epoch line.
+  lines = stderr.replace('\r', '\n').splitlines()  # Without the progress bars' redraws.
+  lines = [line for line in lines if ' train.py] epoch ' in line]
+  assert len(lines) == SMOKE_EPOCHS
+  for full, r in zip(lines, records, strict=True):
+    assert len(full) < 120, full
+    assert re.fullmatch(r'I \d\d:\d\d:\d\d train\.py\] .*', full), full
+    line = full.split('] ', 1)[1]
+    assert line.startswith(f'epoch {r["epoch"]}/{SMOKE_EPOCHS}  loss {r["train/loss"]:.4g}  ')
+    test, teacher = 100 * r['test/accuracy'], 100 * r['test_ema/accuracy']
+    assert f'  test {test:.1f}%  teacher {teacher:.1f}%  ' in line
+    assert line.endswith(f'  {r["train/images_per_sec"]:.0f} images/s')
+
+
 def test_saf_table_valid_fraction(smoke_runs):
-  _, records, _ = smoke_runs['saf']
+  _, records, *_ = smoke_runs['saf']
   # E_tilde = 2 and 512 = 8 * 64 (no example dropped): epochs 1 and 2 have no targets.
   assert [r['train/table_valid_fraction'] for r in records] == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_mesa_reports_ema_accuracy(smoke_runs):
-  _, records, _ = smoke_runs['mesa']
+  _, records, *_ = smoke_runs['mesa']
   assert all(0.0 <= r['test_ema/accuracy'] <= 1.0 for r in records)
   # EMA (beta = 0.9 in smoke) lags the student: a different model, different numbers.
   assert any(r['test_ema/loss'] != r['test/loss'] for r in records)
@@ -119,7 +140,7 @@ def test_methods_share_init_data_order_and_schedule(smoke_runs):
 
 
 def test_resume_after_an_epoch_reproduces_the_run(smoke_runs, fashion_mnist_data_dir, tmp_path):
-  workdir, records, _ = smoke_runs['saf']
+  workdir, records, *_ = smoke_runs['saf']
   resumed = tmp_path / 'resumed'
   # The state after epoch 3, as if the run had stopped during epoch 4. With E_tilde = 2
   # epoch 4 reads the rows written in epoch 2 from the restored table.
@@ -154,7 +175,7 @@ def test_bad_value_fails_before_anything_is_written(fashion_mnist_data_dir, tmp_
 
 
 def test_incompatible_checkpoint_is_refused_and_kept(smoke_runs, fashion_mnist_data_dir):
-  workdir, records, _ = smoke_runs['sgd']
+  workdir, records, *_ = smoke_runs['sgd']
   listing = sorted(os.walk(workdir))
   proc = _main(
     workdir, 'method=sgd,smoke', fashion_mnist_data_dir, '--config.model.width=16', check=False

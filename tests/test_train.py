@@ -292,3 +292,27 @@ def test_bfloat16_compute_keeps_float32_state_and_losses(method):
   for key in ('ce_loss', 'trajectory_loss'):
     got, want = float(results['bfloat16'][key]), float(results['float32'][key])
     assert got != want and abs(got - want) < 0.05 * abs(want), key
+
+
+def test_epoch_line_is_short_with_every_evaluation():
+  record = {
+    'epoch': 200,
+    'train/loss': 12.3456789,
+    'train/accuracy': 0.98765,
+    'train/images_per_sec': 123456.7,
+    'test/accuracy': 0.95555,
+    'test_ema/accuracy': 0.9612,
+    'test_model_ema/accuracy': 0.9701,
+    'train_eval/accuracy': 1.0,
+    'train/l2_params': 123.4,  # Only in metrics.jsonl.
+  }
+  line = train.epoch_line(record, num_epochs=200)
+  assert line == (
+    'epoch 200/200  loss 12.35  top-1 98.8%  test 95.6%  teacher 96.1%  EMA 97.0%  '
+    'train-eval 100.0%  123457 images/s'
+  )
+  assert len(line) < 120
+  # An epoch without evaluation (config.eval.every_epochs > 1): the training figures alone.
+  del record['test/accuracy'], record['test_ema/accuracy']
+  del record['test_model_ema/accuracy'], record['train_eval/accuracy']
+  assert train.epoch_line(record, 200) == 'epoch 200/200  loss 12.35  top-1 98.8%  123457 images/s'
