@@ -30,7 +30,7 @@ pyramidnet110    mesa     97.46 ± 0.09, 332   84.73 ± 0.14, 339
 Arguments (comma separated, after the file name):
   dataset=cifar10|cifar100   (default cifar10)
   model=resnet18|wrn28_10|pyramidnet110   (default resnet18)
-  method=sgd|sam|saf|mesa|...   any of saf_jax.train_steps.METHODS (default saf); the
+  method=sgd|sam|saf|mesa|...   any of saf_jax.methods.NAMES (default saf); the
                              other SAM-family methods keep their defaults from
                              configs/default.py (the paper cites, not reruns, them).
   data=tfds|jpeg             tfds (default): TFDS cifar10/cifar100, downloaded on a normal

@@ -29,7 +29,7 @@ Run::
 
 import ml_collections
 
-from saf_jax import train_steps
+from saf_jax import methods
 
 
 def parse_args(arg: str | None, defaults: dict, choices: dict) -> dict:
@@ -78,7 +78,7 @@ def one_step_smoke(config: ml_collections.ConfigDict) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` as described in the module docstring."""
-  args = parse_args(arg, {'method': 'saf', 'smoke': False}, {'method': train_steps.METHODS})
+  args = parse_args(arg, {'method': 'saf', 'smoke': False}, {'method': methods.NAMES})
   config = ml_collections.ConfigDict()
 
   # Run.
@@ -131,7 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Method.
   config.method = ml_collections.ConfigDict()
-  config.method.name = args['method']  # See saf_jax.train_steps.METHODS.
+  config.method.name = args['method']  # See saf_jax.methods.NAMES.
   config.method.saf = ml_collections.ConfigDict()
   config.method.saf.lam = 0.3  # lambda, weight of the trajectory loss (Eq. 9).
   config.method.saf.tau = 5.0  # Temperature of the trajectory loss.

@@ -42,7 +42,7 @@ and ``ILSVRC2012_img_val.tar`` in ``<data_dir>/downloads/manual``) and streamed 
 
 Arguments (comma separated, after the file name):
   model=resnet50|resnet101|resnet152|vit_s32   (default resnet50)
-  method=sgd|sam|saf|mesa|...   any of saf_jax.train_steps.METHODS (default saf); ``sgd``
+  method=sgd|sam|saf|mesa|...   any of saf_jax.methods.NAMES (default saf); ``sgd``
                              means the base optimizer, AdamW for vit_s32. The other SAM-family
                              methods keep their defaults from configs/default.py.
   smoke                      one step on 4 examples at 32 px (tests, with tfds mock data).

@@ -42,7 +42,7 @@ import tqdm
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
-from saf_jax import checkpoint, landscape, plots, sharpness
+from saf_jax import checkpoint, landscape, methods, plots, sharpness
 
 TOOLS = ('sharpness', 'hessian', 'landscape', 'curves')
 WEIGHTS = ('params', 'ema')
@@ -464,7 +464,7 @@ def check_workdir(
     raise ValueError(f'{workdir!r} has no checkpoint in checkpoints/: train it first.')
   if epoch is not None and epoch not in saved:
     raise ValueError(f'No checkpoint of epoch {epoch} in {workdir!r}; saved epochs: {saved}.')
-  if weights == 'ema' and 'mesa' not in method.split('+'):
+  if weights == 'ema' and not methods.parse(method).mesa:
     raise ValueError(
       f"weights='ema' needs MESA's EMA weights; the run in {workdir!r} trained "
       f'{method!r}, which has none.'

@@ -43,7 +43,7 @@ config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_co
 flags.DEFINE_list(
   'methods',
   ['sgd', 'saf', 'mesa', 'sam', 'asam', 'gsam', 'looksam', 'esam'],
-  'Methods to compare (any of saf_jax.train_steps.METHODS).',
+  'Methods to compare (any of saf_jax.methods.NAMES).',
 )
 flags.DEFINE_bool('synthetic', False, 'Random images of the dataset shape; no input pipeline.')
 flags.DEFINE_bool('input_only', False, 'Time the input pipeline alone (host images/s).')

@@ -29,13 +29,13 @@ from jax.sharding import PartitionSpec as P
 from saf_jax import (
   checkpoint,
   logit_table,
+  methods,
   metrics,
   models,
   sharding,
   sharpness,
   train_state,
   train_steps,
-  transforms,
 )
 
 
@@ -101,35 +101,8 @@ def create_optimizer(
   base, schedule = _base_optimizer(
     config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
   )
-  _, perturbation = train_steps.split_method(config.method.name)
-  if perturbation is None:
-    return base
-  hp = config.method[perturbation]
-  common = {'batch_axis_name': batch_axis_name}
-  if perturbation == 'sam':
-    return transforms.sam(base, rho=hp.rho, **common)
-  if perturbation == 'asam':
-    return transforms.asam(
-      base, rho=hp.rho, eta=hp.eta, adaptive_params=hp.adaptive_params, **common
-    )
-  if perturbation == 'gsam':
-    # The schedule's lowest learning rate: 0 at the end of a cosine or the start of a
-    # warm-up, so that rho follows both; a constant schedule without warm-up keeps rho_max.
-    constant = config.optimizer.schedule == 'constant' and not config.optimizer.warmup_epochs
-    lr_min = config.optimizer.lr if constant else 0.0
-    return transforms.gsam(
-      base,
-      learning_rate=schedule,
-      lr_max=config.optimizer.lr,
-      lr_min=lr_min,
-      rho_max=hp.rho_max,
-      rho_min=hp.rho_min,
-      alpha=hp.alpha,
-      **common,
-    )
-  if perturbation == 'looksam':
-    return transforms.looksam(base, rho=hp.rho, k=hp.k, alpha=hp.alpha, **common)
-  return transforms.esam(base, rho=hp.rho, beta=hp.beta, gamma=hp.gamma, seed=config.seed, **common)
+  method = methods.parse(config.method.name)
+  return method.optimizer(base, config, schedule=schedule, batch_axis_name=batch_axis_name)
 
 
 def _with_targets(
@@ -187,6 +160,7 @@ class Experiment:
 
   Attributes:
     config: the run's config.
+    method: ``config.method.name``, parsed (``methods.Method``).
     info: the dataset's metadata (``num_train``, ``num_classes``, ``image_shape``, ...).
     model: the Flax module.
     tx: the base optimizer.
@@ -198,6 +172,7 @@ class Experiment:
   """
 
   config: ml_collections.ConfigDict
+  method: methods.Method
   info: Any
   model: Any
   tx: optax.GradientTransformation
@@ -207,23 +182,10 @@ class Experiment:
   _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
-  def method(self) -> str:
-    return self.config.method.name
-
-  @property
-  def trajectory(self) -> str | None:
-    """'saf', 'mesa' or None: the trajectory part of the method."""
-    return train_steps.split_method(self.method)[0]
-
-  @property
-  def perturbation(self) -> str | None:
-    """The SAM-family part of the method ('sam', ..., 'esam') or None."""
-    return train_steps.split_method(self.method)[1]
-
-  @property
   def per_device(self) -> bool:
     """Whether the SAM-family perturbation is per device (``jax.shard_map``)."""
-    return self.perturbation is not None and self.config.method.perturbation_scope == 'per_device'
+    per_device = self.config.method.perturbation_scope == 'per_device'
+    return self.method.perturbation is not None and per_device
 
   @property
   def repl(self):
@@ -235,7 +197,8 @@ class Experiment:
 
   def trajectory_active(self, epoch: int) -> bool:
     """Algorithm 1, line 10: the trajectory loss is added in epochs ``> E_start``."""
-    return self.trajectory is not None and epoch > self.config.method[self.trajectory].E_start
+    trajectory = self.method.trajectory
+    return trajectory is not None and epoch > self.config.method[trajectory].E_start
 
   @property
   def state_shardings(self):
@@ -279,7 +242,7 @@ class Experiment:
       workdir: where a memory-mapped table (``config.method.saf.table_memmap``) keeps its
         files, under ``saf_table/process_<p>``; unused otherwise.
     """
-    if self.trajectory != 'saf':
+    if not self.method.saf:
       return None
     saf = self.config.method.saf
     first_id, num_ids = sharding.process_partition(
@@ -309,7 +272,7 @@ class Experiment:
       'label': vec(jnp.int32),
       'index': vec(jnp.int32),
     }
-    if self.trajectory == 'saf':
+    if self.method.saf:
       spec['target_logits'] = jax.ShapeDtypeStruct(
         (batch_size, self.info.num_classes), jnp.float32, sharding=data
       )
@@ -328,10 +291,10 @@ class Experiment:
     if key in self._compiled:
       return self._compiled[key]
     hparams = {}
-    if self.trajectory is not None:
-      hp = self.config.method[self.trajectory]
+    if self.method.trajectory is not None:
+      hp = self.config.method[self.method.trajectory]
       hparams = {'lam': hp.lam, 'tau': hp.tau}
-      if self.trajectory == 'mesa':
+      if self.method.mesa:
         hparams['ema_decay'] = hp.ema_decay
     step = train_steps.make_train_step(
       model=self.model,
@@ -362,7 +325,7 @@ class Experiment:
   def step_for(self, epoch: int) -> Callable[[int], Any]:
     """``step_number -> compiled step`` for ``epoch``; compiles what the epoch needs."""
     active = self.trajectory_active(epoch)
-    if self.perturbation == 'looksam' and self.config.method.looksam.k > 1:
+    if self.method.perturbation == 'looksam' and self.config.method.looksam.k > 1:
       k = self.config.method.looksam.k
       sam, reuse = self.compiled_step(active, True), self.compiled_step(active, False)
       return lambda step: sam if step % k == 0 else reuse
@@ -463,6 +426,7 @@ def build_experiment(
   )
   exp = Experiment(
     config=config,
+    method=methods.parse(config.method.name),
     info=info,
     model=model,
     tx=tx,
@@ -595,12 +559,12 @@ def _check_resume(exp: Experiment, meta: dict[str, Any], workdir: str) -> None:
     )
   saved_processes = meta.get('num_processes', 1)
   if saved_processes != jax.process_count() and (
-    exp.trajectory == 'saf' or meta.get('batches_done', 0) < meta.get('steps_per_epoch', 0)
+    exp.method.saf or meta.get('batches_done', 0) < meta.get('steps_per_epoch', 0)
   ):
     # Both SAF's table rows and a mid-epoch data position belong to a process partition.
     raise ValueError(
       f'The checkpoint in {workdir!r} was saved by {saved_processes} processes, and its '
-      f'{"SAF table" if exp.trajectory == "saf" else "mid-epoch data position"} is '
+      f'{"SAF table" if exp.method.saf else "mid-epoch data position"} is '
       f'partitioned over them; resume it with {saved_processes} processes (this run has '
       f'{jax.process_count()}), or use a new --workdir.'
     )
@@ -659,12 +623,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   exp = build_experiment(config, datasets.info)
   topk = config.method.saf.table_topk
-  if exp.trajectory == 'saf' and topk >= datasets.info.num_classes:
+  if exp.method.saf and topk >= datasets.info.num_classes:
     raise ValueError(
       f'config.method.saf.table_topk must be 0 (full logits) or in [1, '
       f'{datasets.info.num_classes - 1}] for {datasets.info.num_classes} classes, got {topk}.'
     )
-  method, spe = exp.method, exp.steps_per_epoch
+  method, spe = exp.method.name, exp.steps_per_epoch
   processes = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
 
@@ -672,7 +636,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint.Checkpointer(
     workdir,
     max_to_keep=config.checkpoint.max_to_keep,
-    with_table=exp.trajectory == 'saf',
+    with_table=exp.method.saf,
     remove_unfinished=True,
   )
   position = _Position()
@@ -795,7 +759,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if last or epoch % config.eval.every_epochs == 0:
         # (prefix, split, weights): the trained weights, MESA's teacher, the model EMA.
         evals = [('test', 'test', (state.params, state.batch_stats))]
-        if exp.trajectory == 'mesa':
+        if exp.method.mesa:
           evals.append(('test_ema', 'test', (state.ema_params, state.ema_batch_stats)))
         if exp.model_ema_decay > 0:
           model_ema = (state.model_ema_params, state.model_ema_batch_stats)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from saf_jax import methods
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -48,7 +50,7 @@ def create_train_state(
   *,
   rng: jax.Array,
   image_shape,
-  method: str,
+  method: str | methods.Method,
   model_ema: bool = False,
 ) -> TrainState:
   """Initialises params, batch_stats, opt_state and (MESA) their EMA copies.
@@ -61,8 +63,8 @@ def create_train_state(
     tx: the base optimizer.
     rng: PRNG key for the parameter init.
     image_shape: (height, width, channels) of one example.
-    method: the method name (``train_steps.METHODS``); only MESA (alone or composed,
-      e.g. 'mesa+sam') allocates ``ema_params``.
+    method: a name of ``methods.NAMES`` or its ``methods.Method``; only MESA (alone or
+      composed, e.g. 'mesa+sam') allocates ``ema_params``.
     model_ema: whether to allocate the evaluation-only ``model_ema_params``.
 
   Returns:
@@ -78,7 +80,7 @@ def create_train_state(
     opt_state=tx.init(params),
   )
   copy = functools.partial(jax.tree.map, jnp.copy)
-  if 'mesa' in method.split('+'):
+  if methods.parse(method).mesa:
     state = state.replace(ema_params=copy(params), ema_batch_stats=copy(batch_stats))
   if model_ema:
     state = state.replace(model_ema_params=copy(params), model_ema_batch_stats=copy(batch_stats))

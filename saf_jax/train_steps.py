@@ -30,36 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from saf_jax import losses, train_state, transforms
-
-TRAJECTORY_METHODS = ('saf', 'mesa')
-SAM_METHODS = ('sam', 'asam', 'gsam', 'looksam', 'esam')
-METHODS = ('sgd', *TRAJECTORY_METHODS, *SAM_METHODS) + tuple(
-  f'{t}+{s}' for t in TRAJECTORY_METHODS for s in SAM_METHODS
-)
-
-
-def split_method(method: str) -> tuple[str | None, str | None]:
-  """Splits a method name into its trajectory part and its SAM-family part.
-
-  Args:
-    method: one of :data:`METHODS`: 'sgd'; 'saf' or 'mesa'; 'sam', 'asam', 'gsam',
-      'looksam' or 'esam'; or a composition such as 'saf+sam' (the trajectory loss is
-      added to the objective whose perturbed gradient the SAM-family method takes).
-
-  Returns:
-    ``(trajectory, perturbation)``, e.g. ``('saf', 'sam')``, ``(None, 'gsam')`` or
-    ``(None, None)`` for 'sgd'.
-
-  Raises:
-    ValueError: for a name not in :data:`METHODS`.
-  """
-  if method not in METHODS:
-    raise ValueError(f'config.method.name must be one of {list(METHODS)}, got {method!r}.')
-  parts = method.split('+')
-  trajectory = next((p for p in parts if p in TRAJECTORY_METHODS), None)
-  perturbation = next((p for p in parts if p in SAM_METHODS), None)
-  return trajectory, perturbation
+from saf_jax import losses, methods, train_state, transforms
 
 
 def _apply_train(model, params, batch_stats, images):
@@ -79,7 +50,7 @@ def make_train_step(
   *,
   model: Any,
   tx: optax.GradientTransformation,
-  method: str,
+  method: str | methods.Method,
   lam: float = 0.0,
   tau: float = 1.0,
   ema_decay: float = 0.0,
@@ -106,7 +77,7 @@ def make_train_step(
     model: a Flax module called as ``apply(variables, images, train=..., mutable=...)``.
     tx: the optimizer: the base optimizer (an optax transform) for 'sgd', 'saf', 'mesa';
       the SAM-family transform wrapping it otherwise (see ``train.create_optimizer``).
-    method: one of :data:`METHODS`.
+    method: a name of ``methods.NAMES`` or its parsed ``methods.Method``.
     lam: :math:`\lambda \ge 0`, weight of the trajectory loss (Algorithm 1, line 11).
     tau: :math:`\tau > 0`, temperature of the trajectory loss (Eq. 9, 13).
     ema_decay: :math:`\beta \in (0, 1)` of MESA's EMA (Eq. 10); unused otherwise.
@@ -137,7 +108,8 @@ def make_train_step(
   Raises:
     ValueError: for an unknown ``method``.
   """
-  trajectory, perturbation = split_method(method)
+  method = methods.parse(method)
+  trajectory, perturbation = method.trajectory, method.perturbation
   use_trajectory = trajectory_active and trajectory is not None
   pmean = functools.partial(transforms._maybe_pmean, axis_name=batch_axis_name)
 

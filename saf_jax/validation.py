@@ -6,7 +6,7 @@ in a second instead of after a compile, and never touches an existing workdir.
 
 import ml_collections
 
-from saf_jax import models, train_steps, transforms
+from saf_jax import methods, models, transforms
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
@@ -82,9 +82,7 @@ def validate_config(
   if mesh_data != -1:
     num_devices = mesh_data  # The batch is split over the mesh, not all devices.
   method = config.method.name
-  _require(
-    method in train_steps.METHODS, 'method.name', method, f'one of {list(train_steps.METHODS)}'
-  )
+  _require(method in methods.NAMES, 'method.name', method, f'one of {list(methods.NAMES)}')
   _validate_periods(config)
   _validate_analysis(config)
   _require(
@@ -207,7 +205,8 @@ def validate_config(
     f'in [0, num_epochs={config.num_epochs})',
   )
 
-  trajectory, perturbation = train_steps.split_method(method)
+  parsed = methods.parse(method)
+  trajectory, perturbation = parsed.trajectory, parsed.perturbation
   if trajectory is not None:
     hp = config.method[trajectory]
     prefix = f'method.{trajectory}'

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from saf_jax import losses, train_state, train_steps, transforms
+from saf_jax import losses, methods, train_state, train_steps, transforms
 
 NUM_CLASSES = 5
 
@@ -224,7 +224,7 @@ def test_model_ema_closed_form_and_its_own_decay(method):
 
 def _tx_for(method, base):
   """The SAM-family transform a method uses around ``base`` (the base alone otherwise)."""
-  _, perturbation = train_steps.split_method(method)
+  perturbation = methods.parse(method).perturbation
   return {
     None: lambda: base,
     'sam': lambda: transforms.sam(base, rho=0.05),
@@ -237,10 +237,10 @@ def _tx_for(method, base):
   }[perturbation]()
 
 
-@pytest.mark.parametrize('method', train_steps.METHODS)
+@pytest.mark.parametrize('method', methods.NAMES)
 @pytest.mark.parametrize('active', [False, True])
 def test_student_batch_stats_change_exactly_once_per_step(method, active):
-  trajectory, _ = train_steps.split_method(method)
+  trajectory = methods.parse(method).trajectory
   model, base, _ = _setup('sgd')
   tx = _tx_for(method, base)
   state = train_state.create_train_state(
