@@ -53,7 +53,7 @@ check the fit) before any comparison was run:
 * data: the JPEG copy of CIFAR-10; train on the first 128 files of each class (1,280
   images: batch 128 drops none), test on the first 500 files of each class (a fixed
   5,000-image test subset, to fit the time budget); no augmentation (with random flips,
-  SGD needed 80 epochs and 8.1 minutes to fit: see the README);
+  SGD needed 80 epochs and 8.1 minutes to fit: see docs/results.md);
 * model: the ``cnn`` of ``saf_jax.models.cnn`` at width 24 (42,898 parameters, BatchNorm);
 * Table 4's recipe: SGD momentum 0.9, peak lr 0.05, cosine decay, weight decay 5e-4,
   batch 128, SAM's rho 0.05, tau 5, lam 0.3 (SAF) / 0.8 (MESA), for CPU_BUDGET_EPOCHS
@@ -70,7 +70,7 @@ check the fit) before any comparison was run:
   on the unaugmented training images (``train_eval/accuracy``); SAM's sharpness (rho 0.05)
   on 4 fixed training batches every 8 epochs.
 
-Run the comparison (README, "CPU comparison on real CIFAR-10")::
+Run the comparison (docs/results.md, "CPU comparison on real CIFAR-10")::
 
   python -m saf_jax.compare --config configs/cifar.py:budget=cpu \
       --methods sgd,sam,saf,mesa --seeds 0,1,2 --workdir runs/cifar_cpu

@@ -494,7 +494,7 @@ def _numpy_batches(ids: tf.data.Dataset, make_batch) -> Iterator[dict[str, np.nd
   tf.data's autotuner is off on purpose: with it, destroying a finished iterator waited
   for its autotuning thread, and training stalled for about 40 s at some epoch ends on a
   2-core CPU. Two parallel batch builders and two prefetched batches keep the pipeline far
-  ahead of training here (see the README's throughput table).
+  ahead of training here (see docs/benchmark.md).
   """
   ds = ids.map(make_batch, num_parallel_calls=_PARALLEL_BATCHES, deterministic=True)
   ds = ds.prefetch(_PREFETCH_BATCHES)
