@@ -72,7 +72,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # TensorFlow quietly and off the accelerators; the console keeps to our own lines.
-  from saf_jax import tf_runtime
+  from saf_jax.data import tf_runtime
 
   tf_runtime.quiet_console()
   import jax

@@ -72,7 +72,7 @@ check the fit) before any comparison was run:
 
 Run the comparison (docs/results.md, "CPU comparison on real CIFAR-10")::
 
-  python -m saf_jax.compare --config configs/cifar.py:budget=cpu \
+  python -m saf_jax.tools.compare --config configs/cifar.py:budget=cpu \
       --methods sgd,sam,saf,mesa --seeds 0,1,2 --workdir runs/cifar_cpu
 
 Run, e.g. the SAF row of Wide-ResNet-28-10 on CIFAR-100::

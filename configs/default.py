@@ -5,7 +5,8 @@ loss active from epoch 3 (``E_start = 2``, ``E_tilde = 2``): the paper's CIFAR r
 (Table 4: ``tau = 5``, ``lam = 0.3`` for SAF and 0.8 for MESA, SGD with momentum 0.9,
 weight decay 5e-4, cosine decay, batch 128, lr 0.05) with the epoch counts (paper: 200
 epochs, ``E_start = 5``, ``E_tilde = 3``) and MESA's EMA horizon scaled to a short run.
-Measured on a 2-core CPU (docs/results.md, "Fashion-MNIST"): SAF reaches 0.907 test top-1 in 5 minutes.
+Measured on a 2-core CPU (docs/results.md, "Fashion-MNIST"): SAF reaches 0.907 test top-1
+in 5 minutes.
 
 Every method shares the model, init, data order, schedule and base optimizer, so runs
 with one seed differ only by the method. SAM-family hyperparameters are the papers'
@@ -185,7 +186,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # mode (train_eval/*): how well the model fits its training set. In-memory data only.
   config.eval.train_accuracy = False
 
-  # Analysis (saf_jax.sharpness; `python -m saf_jax.analyze` for the other tools).
+  # Analysis (saf_jax.analysis.sharpness; `python -m saf_jax.tools.analyze` for the other tools).
   config.analysis = ml_collections.ConfigDict()
   # Epochs between measurements of SAM's sharpness (Fig. 4b of Du et al. 2022), logged as
   # train/sam_sharpness (and after the last epoch); 0 = never.

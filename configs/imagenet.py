@@ -18,7 +18,7 @@ Nesterov momentum, colour jitter 0.4 and a random bilinear/bicubic resize; none 
 reproduced here. Computation is bfloat16 (params, optimizer state, EMA and losses float32;
 ``--config.model.dtype=float32`` for full precision). SAF's table of past logits is
 float32, 1,281,167 x 1000 x 3 epochs = 15.4 GB on the host, split over processes
-(``saf_jax.table_report``; ``--config.method.saf.table_dtype=bfloat16`` halves it).
+(``saf_jax.tools.table_report``; ``--config.method.saf.table_dtype=bfloat16`` halves it).
 
 The rows (``PAPER_TABLE_1``: top-1 accuracy %, images/s; ESAM, GSAM and LookSAM are the
 numbers the paper cites, not reruns; "-" where the paper has no row or our copy of the
@@ -38,7 +38,7 @@ mesa       77.5, 1386    79.1, 888     -             -
 
 Data: TFDS ``imagenet2012``, prepared once from the manual download (``ILSVRC2012_img_train.tar``
 and ``ILSVRC2012_img_val.tar`` in ``<data_dir>/downloads/manual``) and streamed from its files
-(``saf_jax.streaming``); the validation split is the test set.
+(``saf_jax.data.streamed``); the validation split is the test set.
 
 Arguments (comma separated, after the file name):
   model=resnet50|resnet101|resnet152|vit_s32   (default resnet50)
@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.eval_batch_size = 1024
   config.input.augment = 'inception_crop'
   config.input.image_size = 224
-  config.input.shuffle_buffer = 16_384  # Examples per shuffle window (saf_jax.streaming).
+  config.input.shuffle_buffer = 16_384  # Examples per shuffle window (saf_jax.data.streamed).
 
   config.model = ml_collections.ConfigDict({'name': model, 'dtype': 'bfloat16'})
 

@@ -1,7 +1,7 @@
 """Metric logging: ``workdir/metrics.jsonl`` (one JSON object per epoch) and TensorBoard.
 
-``metrics.jsonl`` is the record the analysis tools read (``saf_jax.plots``); the TensorBoard
-event files (written with tensorboardX into the workdir itself) let
+``metrics.jsonl`` is the record the analysis tools read (``saf_jax.analysis.plots``); the
+TensorBoard event files (written with tensorboardX into the workdir itself) let
 ``tensorboard --logdir runs/`` show every run under ``runs/`` side by side, one run per
 workdir, with the epoch as the step.
 """

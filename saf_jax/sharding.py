@@ -71,36 +71,6 @@ def local_rows(x: jax.Array) -> jax.Array:
   return multihost_utils.global_array_to_host_local_array(x, x.sharding.mesh, x.sharding.spec)
 
 
-def process_partition(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """The fixed block of training example ids that one process reads in every epoch.
-
-  With ``P`` processes, process ``p`` owns ids ``[p * n, (p + 1) * n)`` with
-  ``n = num_examples // P``; the last ``num_examples % P`` ids (fewer than ``P``) are
-  never read. Because the block never changes, the process that writes an example's row of
-  SAF's logit table is the one that reads it back ``E_tilde`` epochs later, so each
-  process's host-side table is exact and holds ``n`` rows (``saf_jax.logit_table``).
-
-  Args:
-    num_examples: training examples in the dataset.
-    process_index: ``p`` in ``[0, P)``.
-    process_count: ``P >= 1``.
-
-  Returns:
-    ``(first_id, num_ids)``.
-
-  Raises:
-    ValueError: if ``p`` is out of range or a block would be empty.
-  """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}.')
-  num_ids = num_examples // process_count
-  if num_ids < 1:
-    raise ValueError(
-      f'{num_examples} training examples cannot be split over {process_count} processes.'
-    )
-  return process_index * num_ids, num_ids
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

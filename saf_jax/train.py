@@ -33,10 +33,11 @@ from saf_jax import (
   metrics,
   models,
   sharding,
-  sharpness,
   train_state,
   train_steps,
 )
+from saf_jax.analysis import sharpness
+from saf_jax.data import partition
 
 
 def _base_optimizer(
@@ -154,7 +155,7 @@ _LAG = 4
 class Experiment:
   """Everything static that one config derives: model, optimizer, shapes, compiled steps.
 
-  Both ``train_and_evaluate`` and ``saf_jax.benchmark`` run their steps through
+  Both ``train_and_evaluate`` and ``saf_jax.tools.benchmark`` run their steps through
   :meth:`run_steps`, so the benchmark times exactly the training loop's work (data,
   SAF's table reads and writes, the step).
 
@@ -165,7 +166,7 @@ class Experiment:
     model: the Flax module.
     tx: the base optimizer.
     steps_per_epoch: global batches per epoch: each of the ``P`` processes reads
-      ``num_train // P`` examples (``sharding.process_partition``) in local batches of
+      ``num_train // P`` examples (``partition.process_partition``) in local batches of
       ``batch_size / P``, dropping the remainder.
     mesh: the device mesh, one axis 'data'.
     abstract_state: ``jax.ShapeDtypeStruct`` tree of the ``TrainState``, with shardings.
@@ -236,7 +237,7 @@ class Experiment:
     """This process's empty SAF logit table (None for other methods).
 
     It holds the rows of this process's partition of the training set
-    (``sharding.process_partition``): exactly the examples this process reads every epoch.
+    (``partition.process_partition``): exactly the examples this process reads every epoch.
 
     Args:
       workdir: where a memory-mapped table (``config.method.saf.table_memmap``) keeps its
@@ -245,7 +246,7 @@ class Experiment:
     if not self.method.saf:
       return None
     saf = self.config.method.saf
-    first_id, num_ids = sharding.process_partition(
+    first_id, num_ids = partition.process_partition(
       self.info.num_train, jax.process_index(), jax.process_count()
     )
     memmap_dir = None
@@ -598,16 +599,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   # Imported here so that the rest of this module (Experiment, run_steps) works without
   # TensorFlow, e.g. with another data loader or in `benchmark --synthetic`.
-  from saf_jax import input_pipeline, validation
+  from saf_jax import data, validation
 
   wall_start = time.perf_counter()
   validation.validate_config(
     config, num_devices=jax.device_count(), num_processes=jax.process_count()
   )
   checkpoint.check_workdir(config, workdir)
-  datasets = input_pipeline.create_datasets(
-    config.input, seed=config.seed, process_count=jax.process_count()
-  )
+  datasets = data.create_datasets(config.input, seed=config.seed, process_count=jax.process_count())
   analysis = config.analysis
   if datasets.info.num_train < config.input.batch_size:
     raise ValueError(

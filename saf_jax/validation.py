@@ -6,7 +6,7 @@ in a second instead of after a compile, and never touches an existing workdir.
 
 import ml_collections
 
-from saf_jax import methods, models, transforms
+from saf_jax import data, methods, models, transforms
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
@@ -92,15 +92,13 @@ def validate_config(
     f'one of {sorted(models.MODELS)}',
   )
   if check_input:
-    from saf_jax import input_pipeline  # Imports TensorFlow.
-
     dataset = config.input.dataset
     _require(
-      dataset in input_pipeline.DATASETS
-      or (isinstance(dataset, str) and dataset.startswith(input_pipeline.FOLDER_PREFIX)),
+      dataset in data.DATASETS
+      or (isinstance(dataset, str) and dataset.startswith(data.FOLDER_PREFIX)),
       'input.dataset',
       dataset,
-      f"one of {list(input_pipeline.DATASETS)} or '{input_pipeline.FOLDER_PREFIX}/path'",
+      f"one of {list(data.DATASETS)} or '{data.FOLDER_PREFIX}/path'",
     )
     size = config.input.get('image_size', -1)
     _require(
@@ -109,7 +107,7 @@ def validate_config(
       size,
       '-1 (keep the images) or an integer >= 1 (pixels)',
     )
-    allowed = input_pipeline.augmentations(dataset)
+    allowed = data.augmentations(dataset)
     _require(
       config.input.augment in allowed,
       'input.augment',

@@ -1,4 +1,4 @@
-"""saf_jax.analyze on trained smoke runs (real Fashion-MNIST): library, CLI and TensorBoard."""
+"""saf_jax.tools.analyze on trained smoke runs (real Fashion-MNIST): library, CLI, TensorBoard."""
 
 import dataclasses
 import json
@@ -17,7 +17,9 @@ from matplotlib import image as mpimg
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from saf_jax import analyze, checkpoint, landscape, metrics, sharpness
+from saf_jax import checkpoint, metrics
+from saf_jax.analysis import landscape, sharpness
+from saf_jax.tools import analyze
 from tests import conftest
 from tests.test_main import _main, _records
 
@@ -69,10 +71,10 @@ def _listing(path):
 
 
 def _analyze(*args):
-  """``python -m saf_jax.analyze`` as a user runs it, from the repository root."""
+  """``python -m saf_jax.tools.analyze`` as a user runs it, from the repository root."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.run(
-    [sys.executable, '-m', 'saf_jax.analyze', *args],
+    [sys.executable, '-m', 'saf_jax.tools.analyze', *args],
     cwd=conftest.REPO_ROOT,
     capture_output=True,
     text=True,

@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 
 from configs import cifar
-from saf_jax import image_folder, input_pipeline
+from saf_jax import data
+from saf_jax.data import folder as image_folder
 
 from .conftest import REPO_ROOT
 
@@ -120,7 +121,7 @@ def test_train_split_evaluation_covers_every_example_once_unaugmented(tmp_path):
   config.input.dataset = f'folder:{_write_folder(tmp_path / "folder")}'
   config.input.num_train_examples = config.input.num_test_examples = -1
   config.input.data_dir = str(tmp_path)
-  datasets = input_pipeline.create_datasets(config.input, seed=0)
+  datasets = data.create_datasets(config.input, seed=0)
   batches = list(datasets.test_batches(batch_size=4, split='train'))
   assert len(batches) == 4  # 15 examples, the last batch padded.
   mask = np.concatenate([b['mask'] for b in batches]).astype(bool)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from saf_jax import compare, plots
+from saf_jax.analysis import plots
+from saf_jax.tools import compare
 
 
 def _record(seed, acc, wall, ema=None):

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from saf_jax import input_pipeline, train
+from saf_jax import data, train
+from saf_jax.data import folder as image_folder
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -46,8 +47,8 @@ def _input(root, **fields):
 def test_labels_follow_sorted_class_names_and_ids_are_stable(tmp_path):
   root = _folder(tmp_path / 'data')
   config = _input(root, image_size=8)
-  datasets = input_pipeline.create_datasets(config.input, seed=0)
-  assert input_pipeline.folder_classes(root) == ['ant', 'bee', 'cat']
+  datasets = data.create_datasets(config.input, seed=0)
+  assert image_folder.folder_classes(root) == ['ant', 'bee', 'cat']
   info = datasets.info
   assert (info.num_train, info.num_test, info.num_classes) == (12, 6, 3)
   assert info.image_shape == (8, 8, 3)
@@ -64,7 +65,7 @@ def test_labels_follow_sorted_class_names_and_ids_are_stable(tmp_path):
 def test_images_of_several_sizes_need_image_size(tmp_path):
   root = _folder(tmp_path / 'data')
   with pytest.raises(ValueError, match='set config.input.image_size to resize every image'):
-    input_pipeline.create_datasets(_input(root).input, seed=0)
+    data.create_datasets(_input(root).input, seed=0)
 
 
 @pytest.mark.parametrize('damage', ['empty_class', 'unreadable', 'test_only_class', 'no_test'])
@@ -84,7 +85,7 @@ def test_bad_folders_are_refused_with_the_path(tmp_path, damage):
     os.rename(os.path.join(root, 'test'), os.path.join(root, 'val'))
     match = r'needs .*/test/<class>/\*.jpg\|png .* is not a directory'
   with pytest.raises(ValueError, match=match):
-    input_pipeline.create_datasets(_input(root, image_size=8).input, seed=0)
+    data.create_datasets(_input(root, image_size=8).input, seed=0)
 
 
 def test_saf_trains_on_a_folder(tmp_path):

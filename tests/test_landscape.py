@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saf_jax import landscape, models
+from saf_jax import models
+from saf_jax.analysis import landscape
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 

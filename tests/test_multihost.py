@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from saf_jax import analyze, input_pipeline, logit_table, sharding, train
+from saf_jax import data, logit_table, train
+from saf_jax.data import partition
+from saf_jax.tools import analyze
 from tests import conftest
 from tests.test_main import _main, _records
 
@@ -96,7 +98,7 @@ def test_each_process_owns_a_fixed_half_and_its_table_is_exact(two_process_run):
 def test_partition_covers_every_id_once_and_never_moves(fashion_mnist_data_dir):
   config = default.get_config('method=saf,smoke')
   config.input.data_dir = fashion_mnist_data_dir
-  datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
+  datasets = data.create_datasets(config.input, seed=config.seed)
   seen = {}
   for epoch in (1, 2, 3):
     for p in range(4):
@@ -106,7 +108,7 @@ def test_partition_covers_every_id_once_and_never_moves(fashion_mnist_data_dir):
           for b in datasets.train_epoch(epoch, batch_size=16, process_index=p, process_count=4)
         ]
       )
-      first_id, num_ids = sharding.process_partition(NUM_TRAIN, p, 4)
+      first_id, num_ids = partition.process_partition(NUM_TRAIN, p, 4)
       assert sorted(ids) == list(range(first_id, first_id + num_ids))  # 128 / 16: no remainder.
       for i in ids:
         assert seen.setdefault(int(i), p) == p  # Always the same owner.
@@ -120,7 +122,7 @@ def test_matches_a_single_process_replay_of_the_same_global_batches(
   config = default.get_config('method=saf,smoke')
   config.input.data_dir = fashion_mnist_data_dir
   config.analysis.sharpness_every_epochs = 0
-  datasets = input_pipeline.create_datasets(config.input, seed=config.seed)
+  datasets = data.create_datasets(config.input, seed=config.seed)
   exp = train.build_experiment(config, datasets.info)
   state = exp.init_state()
   table = logit_table.LogitTable(NUM_TRAIN, 10, E_tilde=config.method.saf.E_tilde)

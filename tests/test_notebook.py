@@ -67,8 +67,8 @@ def test_install_cells_keep_colabs_jax_and_tensorflow_and_need_no_editing():
   # No placeholder to edit: the URL is one variable whose default ('') asks for an upload.
   assert "SAF_JAX_REPO = ''" in setup and 'YOUR_ACCOUNT' not in setup
   # Colab's jax, jaxlib, libtpu and tensorflow are held at their installed versions.
-  assert "grep -iE '^(jax[-_a-z0-9]*|libtpu[-_a-z]*|tensorflow)=='" in setup
-  assert "pip install -q -c /tmp/colab_pins.txt '.[train,analysis]'" in setup
+  assert "!grep -iE '^(jax[-_a-z0-9]*|libtpu[-_a-z]*|tensorflow)==' /tmp/pip.txt" in setup
+  assert "!pip install -q -c /tmp/pins.txt '.[train,analysis]'" in setup
   for absent in ('tensorflow-cpu', 'tensorflow_cpu', 'requirements', 'pytest', 'ruff', '[test'):
     assert absent not in setup, absent
 

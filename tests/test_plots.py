@@ -9,7 +9,7 @@ import pytest
 from matplotlib import image as mpimg
 from matplotlib.figure import Figure
 
-from saf_jax import plots
+from saf_jax.analysis import plots
 
 
 def _sgd():

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from saf_jax import analyze, checkpoint
+from saf_jax import checkpoint
+from saf_jax.tools import analyze
 from tests import conftest
 from tests.test_main import _main, _records
 

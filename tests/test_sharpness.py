@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from saf_jax import losses, models, sharpness
+from saf_jax import losses, models
+from saf_jax.analysis import sharpness
 
 SHAPES = {'a': (10,), 'b': (5, 6)}
 DIM = 40

@@ -20,7 +20,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
-from saf_jax import input_pipeline, sharding, streaming, train
+from saf_jax import data, train
+from saf_jax.data import partition, streamed
 from tests import conftest
 
 _CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
@@ -111,12 +112,12 @@ def test_ids_are_positions_in_tfds_order(data_dir):
   read = [(ex['file_name'].decode(), ex['tfds_id']) for ex in ds.as_numpy_iterator()]
   assert [name for name, _ in read] != names  # Really read out of order.
   for name, tfds_id in read:
-    assert names[int(streaming.dense_ids(tf.constant(tfds_id), offsets))] == name
+    assert names[int(streamed.dense_ids(tf.constant(tfds_id), offsets))] == name
 
 
 def test_epoch_covers_each_id_once_in_a_replayable_order(data_dir):
-  datasets = input_pipeline.create_datasets(_input(data_dir).input, seed=0)
-  assert isinstance(datasets, streaming.StreamedDatasets)
+  datasets = data.create_datasets(_input(data_dir).input, seed=0)
+  assert isinstance(datasets, streamed.StreamedDatasets)
   assert datasets.info.num_train == 24 and datasets.info.num_test == _NUM_VAL
   assert datasets.info.num_classes == 1000 and datasets.info.image_shape == (16, 16, 3)
   labels = [label for label, _ in _tfds_order(data_dir, 'train')]
@@ -138,12 +139,12 @@ def test_epoch_covers_each_id_once_in_a_replayable_order(data_dir):
 def test_examples_are_shuffled_across_files_whatever_the_global_seed(data_dir):
   # One-example windows keep the file order: each of the 4 files (6 ids each) is read whole.
   config = _input(data_dir, shuffle_buffer=1)
-  files = _epoch(input_pipeline.create_datasets(config.input, seed=0), 1, batch_size=4)
+  files = _epoch(data.create_datasets(config.input, seed=0), 1, batch_size=4)
   runs = files['index'].reshape(4, 6)
   assert sorted(map(tuple, runs)) == [tuple(range(k * 6, k * 6 + 6)) for k in range(4)]
   # Windows of 24 mix them.
   config.input.shuffle_buffer = 24
-  datasets = input_pipeline.create_datasets(config.input, seed=0)
+  datasets = data.create_datasets(config.input, seed=0)
   mixed = _epoch(datasets, 1, batch_size=4)
   assert sorted(mixed['index']) == list(range(24))
   assert any(len(set(run // 6)) > 1 for run in mixed['index'].reshape(4, 6))
@@ -158,15 +159,15 @@ def test_examples_are_shuffled_across_files_whatever_the_global_seed(data_dir):
 
 def test_window_shuffle_permutes_each_window_by_its_seed():
   ds = tf.data.Dataset.range(10).map(lambda i: {'a': i, 'b': 2 * i})
-  out = list(streaming.window_shuffle(ds, 4, [7]).as_numpy_iterator())
+  out = list(streamed.window_shuffle(ds, 4, [7]).as_numpy_iterator())
   a = [x['a'] for x in out]
   assert [x['b'] for x in out] == [2 * x for x in a]  # Fields stay together.
   assert sorted(a[:4]) == [0, 1, 2, 3] and sorted(a[4:8]) == [4, 5, 6, 7]
   assert sorted(a[8:]) == [8, 9] and a != list(range(10))
-  again = [x['a'] for x in streaming.window_shuffle(ds, 4, [7]).as_numpy_iterator()]
-  other = [x['a'] for x in streaming.window_shuffle(ds, 4, [8]).as_numpy_iterator()]
+  again = [x['a'] for x in streamed.window_shuffle(ds, 4, [7]).as_numpy_iterator()]
+  other = [x['a'] for x in streamed.window_shuffle(ds, 4, [8]).as_numpy_iterator()]
   assert again == a and other != a
-  assert [x['a'] for x in streaming.window_shuffle(ds, 1, [7]).as_numpy_iterator()] == list(
+  assert [x['a'] for x in streamed.window_shuffle(ds, 1, [7]).as_numpy_iterator()] == list(
     range(10)
   )
 
@@ -175,7 +176,7 @@ def test_crop_windows():
   shape = tf.constant([300, 400, 3], tf.int32)
   boxes = np.stack(
     [
-      streaming.inception_crop_window(shape, tf.constant([s, 1], tf.int64)).numpy()
+      streamed.inception_crop_window(shape, tf.constant([s, 1], tf.int64)).numpy()
       for s in range(300)
     ]
   )
@@ -190,24 +191,24 @@ def test_crop_windows():
   assert area.min() < 0.15 and np.median(area) < 0.7  # Spread over the range.
   # Evaluation: "resize to 256, center-crop 224" for a 256 x 341 image is this window.
   np.testing.assert_array_equal(
-    streaming.center_crop_window(tf.constant([256, 341, 3]), 224), [16, 59, 224, 224]
+    streamed.center_crop_window(tf.constant([256, 341, 3]), 224), [16, 59, 224, 224]
   )
   np.testing.assert_array_equal(
-    streaming.center_crop_window(tf.constant([60, 40, 3]), 16), [24, 14, 13, 13]
+    streamed.center_crop_window(tf.constant([60, 40, 3]), 16), [24, 14, 13, 13]
   )
 
 
 def test_inception_flip_mirrors_left_right(data_dir, monkeypatch):
   # With the whole image as the only allowed box, each output is the resized image or its
   # left-right mirror.
-  monkeypatch.setattr(streaming, '_AREA_RANGE', (1.0, 1.0))
+  monkeypatch.setattr(streamed, '_AREA_RANGE', (1.0, 1.0))
   config = _input(data_dir, num_train_examples=12)
-  crops = _epoch(input_pipeline.create_datasets(config.input, seed=0), 1, batch_size=4)
+  crops = _epoch(data.create_datasets(config.input, seed=0), 1, batch_size=4)
   builder = tfds.builder('imagenet2012', data_dir=data_dir)
   ds = builder.as_dataset(
     split='train[:12]', shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
   )
-  spec = streaming.SPECS['imagenet2012']
+  spec = streamed.SPECS['imagenet2012']
   whole = [
     (tf.image.resize(ex['image'], [16, 16], method='bilinear').numpy() / 255.0 - spec.mean)
     / spec.std
@@ -223,12 +224,12 @@ def test_inception_flip_mirrors_left_right(data_dir, monkeypatch):
 
 
 def test_processes_read_their_table_rows_and_augment_alike(data_dir):
-  datasets = input_pipeline.create_datasets(_input(data_dir).input, seed=0)
+  datasets = data.create_datasets(_input(data_dir).input, seed=0)
   whole = _epoch(datasets, 1, batch_size=4)
   seen = []
   for p in range(3):
     part = _epoch(datasets, 1, batch_size=2, process_index=p, process_count=3)
-    first, num = sharding.process_partition(24, p, 3)
+    first, num = partition.process_partition(24, p, 3)
     assert sorted(part['index']) == list(range(first, first + num))
     seen += list(part['index'])
     # An example's crop and flip depend on (seed, epoch, id), not on who reads it or where.
@@ -240,9 +241,9 @@ def test_processes_read_their_table_rows_and_augment_alike(data_dir):
 
 def test_inception_crops_vary_and_evaluation_is_the_center_crop(data_dir):
   config = _input(data_dir)
-  crops = input_pipeline.create_datasets(config.input, seed=0)
+  crops = data.create_datasets(config.input, seed=0)
   config.input.augment = 'none'
-  plain = input_pipeline.create_datasets(config.input, seed=0)
+  plain = data.create_datasets(config.input, seed=0)
   epoch1, epoch2 = _epoch(crops, 1, batch_size=4), _epoch(crops, 2, batch_size=4)
   centre = _epoch(plain, 1, batch_size=4)
   order1, order2 = np.argsort(epoch1['index']), np.argsort(epoch2['index'])
@@ -256,7 +257,7 @@ def test_inception_crops_vary_and_evaluation_is_the_center_crop(data_dir):
   ds = builder.as_dataset(
     split='validation', shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
   )
-  mean, std = streaming.SPECS['imagenet2012'].mean, streaming.SPECS['imagenet2012'].std
+  mean, std = streamed.SPECS['imagenet2012'].mean, streamed.SPECS['imagenet2012'].std
   expected = []
   for ex in ds.as_numpy_iterator():
     height, width, _ = ex['image'].shape
@@ -274,7 +275,7 @@ def test_inception_crops_vary_and_evaluation_is_the_center_crop(data_dir):
 
 
 def test_test_batches_split_over_processes_cover_validation_once(data_dir):
-  datasets = input_pipeline.create_datasets(_input(data_dir).input, seed=0)
+  datasets = data.create_datasets(_input(data_dir).input, seed=0)
   labels = [label for label, _ in _tfds_order(data_dir, 'validation')]
   per_process = [
     list(datasets.test_batches(batch_size=2, process_index=p, process_count=3)) for p in range(3)
@@ -294,8 +295,8 @@ def test_test_batches_split_over_processes_cover_validation_once(data_dir):
 
 def test_subset_is_fixed_by_its_seed_alone(data_dir):
   config = _input(data_dir)
-  a = input_pipeline.create_datasets(config.input, seed=0)
-  b = input_pipeline.create_datasets(config.input, seed=5)
+  a = data.create_datasets(config.input, seed=0)
+  b = data.create_datasets(config.input, seed=5)
   first = [x['index'] for x in a.train_subset_batches(num_batches=2, batch_size=3, seed=1)]
   again = [x['index'] for x in b.train_subset_batches(num_batches=2, batch_size=3, seed=1)]
   np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
@@ -304,36 +305,36 @@ def test_subset_is_fixed_by_its_seed_alone(data_dir):
 
 
 def test_a_negative_seed_works(data_dir):
-  datasets = input_pipeline.create_datasets(_input(data_dir).input, seed=-3)
+  datasets = data.create_datasets(_input(data_dir).input, seed=-3)
   assert sorted(_epoch(datasets, 1, batch_size=4)['index']) == list(range(24))
 
 
 def test_first_n_examples_and_bad_sizes(data_dir):
-  small = input_pipeline.create_datasets(_input(data_dir, num_train_examples=10).input, seed=0)
+  small = data.create_datasets(_input(data_dir, num_train_examples=10).input, seed=0)
   assert small.info.num_train == 10
   assert set(_epoch(small, 1, batch_size=5)['index']) == set(range(10))
   with pytest.raises(ValueError, match='num_train_examples=25 but the train split'):
-    input_pipeline.create_datasets(_input(data_dir, num_train_examples=25).input, seed=0)
+    data.create_datasets(_input(data_dir, num_train_examples=25).input, seed=0)
   with pytest.raises(ValueError, match=r"augment='crop_flip' is not supported for imagenet2012"):
-    input_pipeline.create_datasets(_input(data_dir, augment='crop_flip').input, seed=0)
+    data.create_datasets(_input(data_dir, augment='crop_flip').input, seed=0)
 
 
 def test_missing_imagenet_says_where_the_manual_download_goes(tmp_path):
   config = _input(str(tmp_path))
-  with pytest.raises(input_pipeline.DataNotFoundError) as e:
-    input_pipeline.create_datasets(config.input, seed=0)
+  with pytest.raises(data.DataNotFoundError) as e:
+    data.create_datasets(config.input, seed=0)
   manual = os.path.join(str(tmp_path), 'downloads', 'manual')
   assert 'ILSVRC2012_img_train.tar' in str(e.value) and manual in str(e.value)
-  command = f'python -m saf_jax.prepare_data --dataset=imagenet2012 --data_dir={tmp_path}'
+  command = f'python -m saf_jax.tools.prepare_data --dataset=imagenet2012 --data_dir={tmp_path}'
   assert command in str(e.value)
   # With the archives there, several processes refuse to race to prepare it.
   _write_manual_download(manual)
-  with pytest.raises(input_pipeline.DataNotFoundError, match='Prepare it once before a multi'):
-    input_pipeline.create_datasets(config.input, seed=0, process_count=2)
+  with pytest.raises(data.DataNotFoundError, match='Prepare it once before a multi'):
+    data.create_datasets(config.input, seed=0, process_count=2)
   # The command prepares it offline (image-net.org is not reachable from CI), in TFDS
   # order; then training reads it.
   proc = subprocess.run(
-    [sys.executable, '-m', 'saf_jax.prepare_data', *command.split()[3:]],
+    [sys.executable, '-m', 'saf_jax.tools.prepare_data', *command.split()[3:]],
     capture_output=True,
     text=True,
     cwd=conftest.REPO_ROOT,
@@ -342,7 +343,7 @@ def test_missing_imagenet_says_where_the_manual_download_goes(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'imagenet2012 train: 24 examples' in proc.stdout
   assert 'imagenet2012 validation: 7 examples' in proc.stdout
-  datasets = input_pipeline.create_datasets(config.input, seed=0)
+  datasets = data.create_datasets(config.input, seed=0)
   assert (datasets.info.num_train, datasets.info.num_test) == (24, _NUM_VAL)
 
 
@@ -367,7 +368,7 @@ def test_input_only_benchmark_reads_the_batches_it_times(data_dir):
       [
         sys.executable,
         '-m',
-        'saf_jax.benchmark',
+        'saf_jax.tools.benchmark',
         '--config=configs/imagenet.py:smoke',
         '--input_only',
         f'--config.input.data_dir={data_dir}',

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from saf_jax import losses, table_report, train
+from saf_jax import losses, train
+from saf_jax.tools import table_report
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 

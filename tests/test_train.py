@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from saf_jax import input_pipeline, train
+from saf_jax import data, train
 
 NUM_TRAIN, BATCH = 10, 4  # 2 examples dropped per epoch.
 
@@ -52,21 +52,21 @@ def test_run_steps_writes_each_examples_own_logits(prefetch):
   config.input.prefetch = prefetch
   config.method.saf.E_start = 1
   config.method.saf.E_tilde = 2
-  info = input_pipeline.DatasetInfo(
+  info = data.DatasetInfo(
     name='fake', num_train=NUM_TRAIN, num_test=0, num_classes=3, image_shape=(1, 1, 3)
   )
   exp = train.build_experiment(config, info, model=_EchoModel())
-  state, table, data = exp.init_state(), exp.new_table(), _FakeDatasets()
+  state, table, fake = exp.init_state(), exp.new_table(), _FakeDatasets()
   for epoch in (1, 2, 3, 4):
     state, metrics, _ = exp.run_steps(
-      state, data.train_epoch(epoch, batch_size=BATCH), epoch=epoch, table=table
+      state, fake.train_epoch(epoch, batch_size=BATCH), epoch=epoch, table=table
     )
-    seen = data.orders[epoch]
+    seen = fake.orders[epoch]
     slot = epoch % 2
     np.testing.assert_array_equal(table.values[slot, seen], _encode(seen, epoch))
     np.testing.assert_array_equal(table.written_epoch[slot, seen], epoch)
     # Valid targets in epoch e are the examples that were seen in epoch e - 2.
-    valid = np.isin(seen, data.orders.get(epoch - 2, [])).mean()
+    valid = np.isin(seen, fake.orders.get(epoch - 2, [])).mean()
     assert np.mean([m['table_valid_fraction'] for m in metrics]) == pytest.approx(valid)
   assert int(state.step) == 4 * (NUM_TRAIN // BATCH)
   # With a nonzero trajectory loss and echo logits, the loss is computed on real targets.
@@ -77,7 +77,7 @@ def test_trajectory_active_follows_e_start():
   config = default.get_config('method=mesa,smoke')
   config.input.batch_size = BATCH
   config.method.mesa.E_start = 3
-  info = input_pipeline.DatasetInfo(
+  info = data.DatasetInfo(
     name='fake', num_train=NUM_TRAIN, num_test=0, num_classes=3, image_shape=(1, 1, 3)
   )
   exp = train.build_experiment(config, info, model=_EchoModel())
@@ -123,7 +123,7 @@ def _scope_run(scope: str, num_devices: int) -> dict:
   config.mesh.data = num_devices
   config.method.perturbation_scope = scope
   config.method.sam.rho = 0.5
-  info = input_pipeline.DatasetInfo(
+  info = data.DatasetInfo(
     name='fake', num_train=64, num_test=0, num_classes=3, image_shape=(2, 2, 1)
   )
   exp = train.build_experiment(config, info, model=_DenseBN())
@@ -263,7 +263,7 @@ def test_gsam_rho_follows_a_warm_up_from_zero(schedule, warmup_epochs, moves):
 def test_bfloat16_compute_keeps_float32_state_and_losses(method):
   """config.model.dtype='bfloat16': the CNN computes in bfloat16, all else is float32."""
   rng = np.random.default_rng(0)
-  info = input_pipeline.DatasetInfo(
+  info = data.DatasetInfo(
     name='fake', num_train=64, num_test=0, num_classes=10, image_shape=(8, 8, 1)
   )
   batch = {

@@ -169,7 +169,7 @@ def test_workdir_of_a_release_without_newer_fields_is_accepted(tmp_path):
 def _smoke_config_with_analysis(**fields):
   """The smoke config (512 train examples, batch 64) with `config.analysis` fields replaced.
 
-  Built from a plain dict, as `saf_jax.analyze` reads a config.json, so that values of
+  Built from a plain dict, as `saf_jax.tools.analyze` reads a config.json, so that values of
   another type than the default's (1.5, 'a') reach the validation.
   """
   config = default.get_config('smoke').to_dict()
@@ -226,7 +226,7 @@ def test_sharpness_batches_up_to_the_training_set_are_valid():
 
 
 def test_analysis_fields_are_checked_even_when_training_does_not_measure():
-  """`python -m saf_jax.analyze` reads rho and the subset from the config of any run."""
+  """`python -m saf_jax.tools.analyze` reads rho and the subset from the config of any run."""
   config = _smoke_config_with_analysis(sharpness_every_epochs=0, rho=-0.1)
   with pytest.raises(ValueError, match='config.analysis.rho'):
     validation.validate_config(config, num_devices=1)

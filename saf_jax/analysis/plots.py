@@ -3,7 +3,7 @@
 Figures are ``matplotlib.figure.Figure`` objects rendered straight to PNG files of a fixed
 pixel size (no pyplot, no global backend or state), so the functions run on machines
 without a display (CI, Colab, servers) and leave a notebook's own plotting alone. Inputs
-are what the training loop and ``saf_jax.analyze`` write: ``metrics.jsonl`` records and
+are what the training loop and ``saf_jax.tools.analyze`` write: ``metrics.jsonl`` records and
 ``analysis/landscape.npz`` files.
 """
 

@@ -9,7 +9,7 @@ the shard lengths TFDS records, so it does not depend on the order in which file
   index = sum(shard_lengths[:shard]) + position in shard           # in [0, num_train)
 
 Process ``p`` of ``P`` reads the split slice ``train[a:a + n]`` with ``(a, n) =
-sharding.process_partition(num_train, p, P)``: exactly the ids of its SAF table rows. One
+partition.process_partition(num_train, p, P)``: exactly the ids of its SAF table rows. One
 epoch of process ``p``::
 
   files of its slice, in an order drawn by numpy from (seed, epoch, p)
@@ -42,7 +42,7 @@ resized to ``image_size``, the crop-then-resize form of "resize to 256, center-c
 
 Example::
 
-  datasets = streaming.create_streamed_datasets(config.input, seed=config.seed)
+  datasets = streamed.create(config.input, seed=config.seed)
   for batch in datasets.train_epoch(epoch, batch_size=256):
     ...  # batch['image']: float32 [256, 224, 224, 3]; 'label', 'index': int32 [256]
 
@@ -61,8 +61,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from saf_jax import input_pipeline
-from saf_jax.tf_runtime import tf, tfds
+from saf_jax.data import base, batching, partition, tfds_prep
+from saf_jax.data.tf_runtime import tf, tfds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ SPECS = {
   'imagenet2012': _Spec('train', 'validation', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 DATASETS = tuple(sorted(SPECS))
-AUGMENTATIONS = input_pipeline.STREAMED_AUGMENTATIONS  # ('inception_crop', 'none').
+AUGMENTATIONS = base.STREAMED_AUGMENTATIONS  # ('inception_crop', 'none').
 DEFAULT_IMAGE_SIZE = 224  # Pixels, used when config.input.image_size is -1.
 # Eval crop: image_size / (image_size + EVAL_CROP_PADDING) of the shorter side (224 of 256).
 EVAL_CROP_PADDING = 32
@@ -100,7 +100,7 @@ _FLIP_STREAM = 1
 class StreamedDatasets:
   """Train and test splits streamed from TFDS files, with stable example ids.
 
-  The same interface as :class:`saf_jax.input_pipeline.Datasets`. Build with
+  The same interface as :class:`saf_jax.data.Datasets`. Build with
   :func:`create_streamed_datasets`.
 
   Attributes:
@@ -116,7 +116,7 @@ class StreamedDatasets:
     *,
     builder: tfds.core.DatasetBuilder,
     spec: _Spec,
-    info: input_pipeline.DatasetInfo,
+    info: base.DatasetInfo,
     train_offsets: np.ndarray,
     test_offsets: np.ndarray,
     augment: str,
@@ -158,7 +158,7 @@ class StreamedDatasets:
   ) -> Iterator[dict[str, np.ndarray]]:
     """Iterates over one epoch of shuffled, augmented train batches of one process.
 
-    Process ``p`` of ``P`` reads the ids ``sharding.process_partition(num_train, p, P)``
+    Process ``p`` of ``P`` reads the ids ``partition.process_partition(num_train, p, P)``
     in every epoch, in an order fixed by ``(seed, epoch, p)``; the last
     ``partition size % batch_size`` examples of that order are dropped. Calling this again
     with the same arguments gives the same batches.
@@ -180,7 +180,7 @@ class StreamedDatasets:
       ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, partition size]`` or
         ``start_batch`` is not in ``[0, batches per epoch]``.
     """
-    first_id, num_ids, num_batches = input_pipeline.epoch_partition(
+    first_id, num_ids, num_batches = partition.epoch_partition(
       self.info.num_train, epoch, batch_size, start_batch, process_index, process_count
     )
     order = [self.seed % 2**32, epoch, process_index]  # Non-negative words for numpy.
@@ -208,14 +208,14 @@ class StreamedDatasets:
   ) -> Iterator[dict[str, np.ndarray]]:
     """A fixed subset of the train split, center-cropped and unaugmented, for measurements.
 
-    As :meth:`saf_jax.input_pipeline.Datasets.train_subset_batches` (same arguments,
+    As :meth:`saf_jax.data.Datasets.train_subset_batches` (same arguments,
     batches and errors), but the subset is the first ``num_batches * batch_size`` examples
     read from the train files in an order shuffled by ``seed`` alone, one file after
     another (TFDS wrote each file's examples in random order). So it is the same for every
     method and every ``self.seed``, and reading it touches only a few files.
     """
     num_train = self.info.num_train
-    input_pipeline.check_subset(num_batches, batch_size, num_train)
+    partition.check_subset(num_batches, batch_size, num_train)
     ds = self._read(
       f'{self._spec.train_split}[:{num_train}]',
       self._train_offsets,
@@ -238,8 +238,8 @@ class StreamedDatasets:
   ) -> Iterator[dict[str, np.ndarray]]:
     """Iterates once, in TFDS order and center-cropped, over this process's test examples.
 
-    The contract of :meth:`saf_jax.input_pipeline.Datasets.test_batches`: process ``p``
-    reads block ``p`` of :func:`~saf_jax.input_pipeline.process_test_block`, every process yields
+    The contract of :meth:`saf_jax.data.Datasets.test_batches`: process ``p``
+    reads block ``p`` of :func:`~saf_jax.data.partition.process_test_block`, every process yields
     the same number of batches, and the last ones are padded (``'mask'`` 0, index -1).
     Images are float32 [batch_size, S, S, 3], normalised. Only ``split='test'``: the
     streamed training split is not evaluated (``config.eval.train_accuracy`` is refused).
@@ -251,7 +251,7 @@ class StreamedDatasets:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
     if split != 'test':
       raise ValueError(f"Streamed datasets evaluate split='test' only, got {split!r}.")
-    first, last, num_batches = input_pipeline.process_test_block(
+    first, last, num_batches = partition.process_test_block(
       self.info.num_test, batch_size, process_index, process_count
     )
     # TFDS refuses an empty slice: an empty block reads one example and keeps none.
@@ -264,11 +264,11 @@ class StreamedDatasets:
       return self._output(self._center_crop(example['image']), example)
 
     def pad(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-      return input_pipeline.pad_batch(batch, [batch_size, *self.info.image_shape])
+      return batching.pad_batch(batch, [batch_size, *self.info.image_shape])
 
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
-    ds = input_pipeline.pad_with_empty_batches(
+    ds = batching.pad_with_empty_batches(
       ds, num_real=last - first, batch_size=batch_size, num_batches=num_batches
     )
     return ds.map(pad).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
@@ -480,7 +480,7 @@ def _shard_offsets(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.nd
   return np.concatenate([[0], np.cumsum(lengths)[:-1]]), int(lengths.sum())
 
 
-def create_streamed_datasets(
+def create(
   input_config: ml_collections.ConfigDict, *, seed: int, process_count: int = 1
 ) -> StreamedDatasets:
   """Opens a streamed dataset, preparing it first from a manual download if needed.
@@ -522,7 +522,7 @@ def create_streamed_datasets(
       f'examples) are {input_config.get("image_size")} and {shuffle_buffer}.'
     )
   spec = SPECS[name]
-  builder = input_pipeline.ready_builder(
+  builder = tfds_prep.ready_builder(
     name, data_dir=input_config.data_dir, process_count=process_count
   )
   train_offsets, num_train = _shard_offsets(builder, spec.train_split)
@@ -546,7 +546,7 @@ def create_streamed_datasets(
         f'{available} examples.'
       )
     sizes[field] = available if wanted == -1 else wanted
-  info = input_pipeline.DatasetInfo(
+  info = base.DatasetInfo(
     name=name,
     num_train=sizes['num_train_examples'],
     num_test=sizes['num_test_examples'],

@@ -1,4 +1,4 @@
-"""Tests for saf_jax.input_pipeline on mocked TFDS data, tiny IDX files and real Fashion-MNIST."""
+"""Tests for saf_jax.data on mocked TFDS data, tiny IDX files and real Fashion-MNIST."""
 
 import gzip
 import os
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from saf_jax import input_pipeline
+from saf_jax import data
+from saf_jax.data import base
 
 _DEBIAN_IDX_DIR = '/usr/share/datasets/fashion-mnist'
 
@@ -30,9 +31,9 @@ def _input_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _mock_datasets(num_examples: int, *, seed: int = 0, **overrides) -> input_pipeline.Datasets:
+def _mock_datasets(num_examples: int, *, seed: int = 0, **overrides) -> data.Datasets:
   with tfds.testing.mock_data(num_examples=num_examples):
-    return input_pipeline.create_datasets(_input_config(**overrides), seed=seed)
+    return data.create_datasets(_input_config(**overrides), seed=seed)
 
 
 def _mock_split(name: str, split: str, num_examples: int) -> dict[str, np.ndarray]:
@@ -44,11 +45,11 @@ def _mock_split(name: str, split: str, num_examples: int) -> dict[str, np.ndarra
 
 
 def _unnormalise(images: np.ndarray, name: str) -> np.ndarray:
-  mean, std = input_pipeline._CHANNEL_STATS[name]
+  mean, std = base.CHANNEL_STATS[name]
   return np.rint((images * np.array(std) + np.array(mean)) * 255).astype(np.uint8)
 
 
-def _epoch_ids(datasets: input_pipeline.Datasets, epoch: int, batch_size: int) -> np.ndarray:
+def _epoch_ids(datasets: data.Datasets, epoch: int, batch_size: int) -> np.ndarray:
   return np.concatenate([b['index'] for b in datasets.train_epoch(epoch, batch_size=batch_size)])
 
 
@@ -116,7 +117,7 @@ def test_image_at_index_is_that_example(num_train_examples):
   raw = _mock_split('cifar10', 'train', 50)
   datasets = _mock_datasets(50, num_train_examples=num_train_examples)
   expected_num = 50 if num_train_examples == -1 else num_train_examples
-  assert datasets.info == input_pipeline.DatasetInfo(
+  assert datasets.info == data.DatasetInfo(
     name='cifar10', num_train=expected_num, num_test=50, num_classes=10, image_shape=(32, 32, 3)
   )
   for batch in datasets.train_epoch(1, batch_size=5):
@@ -211,7 +212,7 @@ def test_test_batches_cover_every_example_once_with_mask():
 )
 def test_bad_config_values_name_the_field(field, value):
   with pytest.raises(ValueError, match=f'config.input.{field}'):
-    input_pipeline.create_datasets(_input_config(**{field: value}), seed=0)
+    data.create_datasets(_input_config(**{field: value}), seed=0)
 
 
 def test_too_many_requested_examples_name_the_field():
@@ -224,19 +225,19 @@ def test_missing_dataset_offline_raises_data_not_found(tmp_path, offline):
   empty_idx_dir = tmp_path / 'no_idx'
   empty_idx_dir.mkdir()
   config = _input_config(dataset='mnist', data_dir=data_dir)
-  with pytest.raises(input_pipeline.DataNotFoundError) as error:
-    input_pipeline.create_datasets(config, seed=0, fashion_mnist_idx_dir=str(empty_idx_dir))
+  with pytest.raises(data.DataNotFoundError) as error:
+    data.create_datasets(config, seed=0, fashion_mnist_idx_dir=str(empty_idx_dir))
   message = str(error.value)
   assert "'mnist'" in message
   assert data_dir in message
-  assert f'python -m saf_jax.prepare_data --dataset=mnist --data_dir={data_dir}' in message
+  assert f'python -m saf_jax.tools.prepare_data --dataset=mnist --data_dir={data_dir}' in message
   assert isinstance(error.value, FileNotFoundError)
 
 
 def test_missing_fashion_mnist_points_to_debian_package(tmp_path, offline):
   config = _input_config(dataset='fashion_mnist', data_dir=str(tmp_path))
-  with pytest.raises(input_pipeline.DataNotFoundError, match='apt-get install -y dataset-fash'):
-    input_pipeline.create_datasets(config, seed=0, fashion_mnist_idx_dir=str(tmp_path))
+  with pytest.raises(data.DataNotFoundError, match='apt-get install -y dataset-fash'):
+    data.create_datasets(config, seed=0, fashion_mnist_idx_dir=str(tmp_path))
 
 
 def test_failed_download_raises_data_not_found(tmp_path, monkeypatch):
@@ -250,8 +251,8 @@ def test_failed_download_raises_data_not_found(tmp_path, monkeypatch):
   monkeypatch.setattr(socket, 'create_connection', lambda *args, **kwargs: _Connection())
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', fail_download)
   config = _input_config(dataset='cifar100', data_dir=str(tmp_path))
-  with pytest.raises(input_pipeline.DataNotFoundError, match='connection reset'):
-    input_pipeline.create_datasets(config, seed=0)
+  with pytest.raises(data.DataNotFoundError, match='connection reset'):
+    data.create_datasets(config, seed=0)
 
 
 def _write_fashion_idx(idx_dir: str, rng: np.random.Generator, num_train: int, num_test: int):
@@ -271,7 +272,7 @@ def test_fashion_mnist_is_built_from_idx_files_in_order(tmp_path):
   os.mkdir(idx_dir)
   arrays = _write_fashion_idx(idx_dir, np.random.default_rng(0), num_train=12, num_test=5)
   config = _input_config(dataset='fashion_mnist', data_dir=str(tmp_path / 'tfds'))
-  datasets = input_pipeline.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
+  datasets = data.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
   assert (datasets.info.num_train, datasets.info.num_test) == (12, 5)
   # A plain TFDS builder now finds the stored dataset, in IDX order.
   builder = tfds.builder('fashion_mnist', data_dir=config.data_dir)
@@ -286,7 +287,7 @@ def test_fashion_mnist_is_built_from_idx_files_in_order(tmp_path):
   np.testing.assert_array_equal(test['label'], arrays['t10k'][1])
   # The first N examples keep their ids; asking for more than the split holds names the field.
   config.num_train_examples = 4
-  first_four = input_pipeline.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
+  first_four = data.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
   batch = next(first_four.train_epoch(1, batch_size=4))
   np.testing.assert_array_equal(
     _unnormalise(batch['image'], 'fashion_mnist')[..., 0], arrays['train'][0][batch['index']]
@@ -294,7 +295,7 @@ def test_fashion_mnist_is_built_from_idx_files_in_order(tmp_path):
   np.testing.assert_array_equal(np.sort(batch['index']), np.arange(4))
   config.num_train_examples = 13
   with pytest.raises(ValueError, match='config.input.num_train_examples=13 .* has only 12'):
-    input_pipeline.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
+    data.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
 
 
 def test_corrupt_idx_file_is_rejected(tmp_path):
@@ -304,7 +305,7 @@ def test_corrupt_idx_file_is_rejected(tmp_path):
     f.write(b'\x00')  # One byte more than the header's dims allow.
   config = _input_config(dataset='fashion_mnist', data_dir=str(tmp_path / 'tfds'))
   with pytest.raises(ValueError, match='IDX header says shape'):
-    input_pipeline.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
+    data.create_datasets(config, seed=0, fashion_mnist_idx_dir=idx_dir)
 
 
 def test_real_fashion_mnist_from_debian_files(fashion_mnist_data_dir):
@@ -314,8 +315,8 @@ def test_real_fashion_mnist_from_debian_files(fashion_mnist_data_dir):
   session, and skips the test when Debian's files are missing.
   """
   config = _input_config(dataset='fashion_mnist', data_dir=fashion_mnist_data_dir)
-  datasets = input_pipeline.create_datasets(config, seed=0)
-  assert datasets.info == input_pipeline.DatasetInfo(
+  datasets = data.create_datasets(config, seed=0)
+  assert datasets.info == data.DatasetInfo(
     name='fashion_mnist', num_train=60000, num_test=10000, num_classes=10, image_shape=(28, 28, 1)
   )
   train_images = _parse_idx(os.path.join(_DEBIAN_IDX_DIR, 'train-images-idx3-ubyte.gz'))
@@ -338,7 +339,7 @@ def test_real_fashion_mnist_from_debian_files(fashion_mnist_data_dir):
   np.testing.assert_array_equal(first['label'], test_labels[:8])
 
 
-def _subset_ids(datasets: input_pipeline.Datasets, **kwargs) -> np.ndarray:
+def _subset_ids(datasets: data.Datasets, **kwargs) -> np.ndarray:
   return np.concatenate([b['index'] for b in datasets.train_subset_batches(**kwargs)])
 
 

@@ -27,10 +27,9 @@ from collections.abc import Callable
 import numpy as np
 from absl import logging
 
-from saf_jax.tf_runtime import tf
+from saf_jax.data.base import FOLDER_PREFIX
+from saf_jax.data.tf_runtime import tf
 
-# config.input.dataset = FOLDER_PREFIX + root: an image folder or an archive of one.
-FOLDER_PREFIX = 'folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 ARCHIVE_EXTENSIONS = ('.tar', '.tar.gz', '.tgz')
 SPLITS = ('train', 'test')

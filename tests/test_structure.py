@@ -1,0 +1,110 @@
+"""The package's shape: no import cycle, tools apart from the library, moved tools say where."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import conftest
+
+PACKAGE = os.path.join(conftest.REPO_ROOT, 'saf_jax')
+TOOLS = ('analyze', 'benchmark', 'compare', 'table_report', 'prepare_data')
+
+
+def _module_name(path: str) -> str:
+  relative = os.path.relpath(path, conftest.REPO_ROOT)[: -len('.py')].split(os.sep)
+  return '.'.join(relative[:-1] if relative[-1] == '__init__' else relative)
+
+
+def _imports() -> dict[str, set[str]]:
+  """{module: the saf_jax modules it imports anywhere in its code (lazy imports too)}."""
+  paths = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(PACKAGE)
+    for name in names
+    if name.endswith('.py')
+  ]
+  modules = {_module_name(p): p for p in paths}
+  graph = {}
+  for module, path in modules.items():
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    package = module if path.endswith('__init__.py') else module.rpartition('.')[0]
+    targets = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        targets |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ''
+        if node.level:  # Relative: from . import x.
+          base = '.'.join(package.split('.')[: len(package.split('.')) - node.level + 1] + [base])
+        for alias in node.names:
+          full = f'{base}.{alias.name}'.strip('.')
+          targets.add(full if full in modules else base)
+    # A module, not its package: importing saf_jax.data.x runs saf_jax.data too (kept).
+    graph[module] = {t for t in targets if t in modules and t != module}
+  return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = 'open'
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 'open':
+        return stack[stack.index(nxt) :] + [nxt]
+      if nxt not in state and (found := visit(nxt)):
+        return found
+    state[node] = 'done'
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state and (found := visit(node)):
+      return found
+  return None
+
+
+def test_no_import_cycle_among_the_packages_modules():
+  graph = _imports()
+  assert 'saf_jax.train' in graph and 'saf_jax.methods' in graph['saf_jax.train']
+  assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert _cycle({'a': {'b'}, 'b': set(), 'c': {'a', 'b'}}) is None
+
+
+def test_tools_import_together_without_defining_flags():
+  code = (
+    'from absl import flags\n'
+    + ''.join(f'from saf_jax.tools import {tool}\n' for tool in TOOLS)
+    + 'print(sorted(n for n in ("workdir", "config", "dataset", "methods") if n in flags.FLAGS))'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code], cwd=conftest.REPO_ROOT, capture_output=True, text=True
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize('tool', TOOLS)
+def test_a_tools_old_path_says_where_it_moved(tool):
+  proc = subprocess.run(
+    [sys.executable, '-m', f'saf_jax.{tool}', '--workdir=runs/x'],
+    cwd=conftest.REPO_ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == (
+    f'error: saf_jax.{tool} moved to saf_jax.tools.{tool}: run python -m saf_jax.tools.{tool} '
+    '(same flags).'
+  )
+  with pytest.raises(ImportError, match=f'saf_jax.{tool} moved to saf_jax.tools.{tool}'):
+    __import__(f'saf_jax.{tool}')
