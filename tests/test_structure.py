@@ -18,8 +18,30 @@ def _module_name(path: str) -> str:
   return '.'.join(relative[:-1] if relative[-1] == '__init__' else relative)
 
 
-def _imports() -> dict[str, set[str]]:
-  """{module: the saf_jax modules it imports anywhere in its code (lazy imports too)}."""
+def _top_level_names(tree: ast.Module) -> set[str]:
+  """The names a module defines or imports outside functions (in with/try/if blocks too)."""
+  names, body = set(), list(tree.body)
+  while body:
+    node = body.pop()
+    if isinstance(node, ast.With | ast.If | ast.Try):
+      body += node.body + getattr(node, 'orelse', []) + getattr(node, 'finalbody', [])
+      body += [stmt for handler in getattr(node, 'handlers', []) for stmt in handler.body]
+    if isinstance(node, ast.FunctionDef | ast.ClassDef):
+      names.add(node.name)
+    elif isinstance(node, ast.Assign | ast.AnnAssign):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+      names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    elif isinstance(node, ast.Import | ast.ImportFrom):
+      names |= {(a.asname or a.name).split('.')[0] for a in node.names}
+  return names
+
+
+def _imports(unresolved: list[str] | None = None) -> dict[str, set[str]]:
+  """{module: the saf_jax modules it imports anywhere in its code (lazy imports too)}.
+
+  An import of a saf_jax name that is neither a module nor defined in its module is
+  appended to ``unresolved`` as ``'importer: target'``.
+  """
   paths = [
     os.path.join(root, name)
     for root, _, names in os.walk(PACKAGE)
@@ -27,10 +49,13 @@ def _imports() -> dict[str, set[str]]:
     if name.endswith('.py')
   ]
   modules = {_module_name(p): p for p in paths}
-  graph = {}
+  trees = {}
   for module, path in modules.items():
     with open(path) as f:
-      tree = ast.parse(f.read())
+      trees[module] = ast.parse(f.read())
+  graph = {}
+  for module, path in modules.items():
+    tree = trees[module]
     package = module if path.endswith('__init__.py') else module.rpartition('.')[0]
     targets = set()
     for node in ast.walk(tree):
@@ -43,6 +68,11 @@ def _imports() -> dict[str, set[str]]:
         for alias in node.names:
           full = f'{base}.{alias.name}'.strip('.')
           targets.add(full if full in modules else base)
+          known = full in modules or (
+            base in modules and alias.name in _top_level_names(trees[base])
+          )
+          if base.split('.')[0] == 'saf_jax' and not known and unresolved is not None:
+            unresolved.append(f'{module}: {full}')
     # A module, not its package: importing saf_jax.data.x runs saf_jax.data too (kept).
     graph[module] = {t for t in targets if t in modules and t != module}
   return graph
@@ -67,6 +97,12 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     if node not in state and (found := visit(node)):
       return found
   return None
+
+
+def test_every_saf_jax_import_names_a_module_or_its_name():
+  unresolved = []
+  _imports(unresolved)
+  assert unresolved == []
 
 
 def test_no_import_cycle_among_the_packages_modules():

@@ -36,7 +36,7 @@ Example::
   for batch in datasets.test_batches(batch_size=1000):
     ...  # plus batch['mask']: float32 [1000], 0 on padding rows
 
-The modules (none imports another backend, and none imports JAX):
+The modules (none imports another backend, and none imports JAX itself):
 
 * ``base``: names, ``DatasetInfo``, the ``Datasets`` interface (no TensorFlow).
 * ``partition``: the id blocks of each process (no TensorFlow).

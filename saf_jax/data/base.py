@@ -64,7 +64,10 @@ def augmentations(dataset: str) -> tuple[str, ...]:
 
 
 class Datasets(Protocol):
-  """The interface of every input path: in memory, streamed, synthetic.
+  """The training inputs' interface: ``memory.InMemoryDatasets``, ``streamed.StreamedDatasets``.
+
+  (The benchmark's ``synthetic.SyntheticDatasets`` serves one process's ``train_epoch``
+  only, in an order drawn from the epoch alone.)
 
   ``train_epoch`` yields one process's batches of an epoch, each a dict of numpy arrays:
   ``'image'`` float32 [B, H, W, C] (normalised, augmented), ``'label'`` and ``'index'``

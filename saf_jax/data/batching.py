@@ -16,8 +16,9 @@ def pad_with_empty_batches(
 ) -> tf.data.Dataset:
   """Appends empty batches to ``batches`` (of ``num_real`` examples) up to ``num_batches``.
 
-  So that every process yields as many test batches (see :func:`process_test_block`); each
-  batch is padded to full size afterwards.
+  So that every process yields as many test batches (see
+  :func:`saf_jax.data.partition.process_test_block`); each batch is padded to full size
+  afterwards.
   """
   missing = num_batches - (-(-num_real // batch_size))
   if not missing:

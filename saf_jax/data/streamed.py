@@ -100,8 +100,8 @@ _FLIP_STREAM = 1
 class StreamedDatasets:
   """Train and test splits streamed from TFDS files, with stable example ids.
 
-  The same interface as :class:`saf_jax.data.Datasets`. Build with
-  :func:`create_streamed_datasets`.
+  The same interface as :class:`saf_jax.data.Datasets`. Build with :func:`create` (or
+  ``saf_jax.data.create_datasets``).
 
   Attributes:
     info: sizes and shapes of the splits served.

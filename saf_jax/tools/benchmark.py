@@ -76,9 +76,9 @@ def run_benchmark(
     validation.validate_config(cfg, num_devices=jax.device_count(), check_input=not synthetic)
     configs[method] = cfg
   if synthetic:
-    from saf_jax.data import synthetic
+    from saf_jax.data import synthetic as synthetic_data
 
-    datasets = synthetic.create(config.input, seed=config.seed)
+    datasets = synthetic_data.create(config.input, seed=config.seed)
   else:
     from saf_jax import data
 
@@ -90,7 +90,7 @@ def run_benchmark(
     # An epoch with the trajectory loss active. SAF's targets there are all masked (the
     # table is empty), which costs the same as valid ones: the KL runs on every row.
     epoch = max(cfg.method.saf.E_start, cfg.method.saf.E_tilde, cfg.method.mesa.E_start) + 1
-    if exp.trajectory is not None:
+    if exp.method.trajectory is not None:
       assert exp.trajectory_active(epoch)
     runs[method] = {'exp': exp, 'state': exp.init_state(), 'table': exp.new_table()}
     runs[method]['epoch'] = epoch

@@ -242,7 +242,7 @@ def main(argv):
   print(f'\n{text}', flush=True)
   with open(os.path.join(FLAGS.workdir, 'compare.md'), 'w') as f:
     f.write(text)
-  from saf_jax import plots  # matplotlib, only once every run is done.
+  from saf_jax.analysis import plots  # matplotlib, only once every run is done.
 
   plots.plot_comparison(
     {
