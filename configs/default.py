@@ -5,8 +5,8 @@ loss active from epoch 3 (``E_start = 2``, ``E_tilde = 2``): the paper's CIFAR r
 (Table 4: ``tau = 5``, ``lam = 0.3`` for SAF and 0.8 for MESA, SGD with momentum 0.9,
 weight decay 5e-4, cosine decay, batch 128, lr 0.05) with the epoch counts (paper: 200
 epochs, ``E_start = 5``, ``E_tilde = 3``) and MESA's EMA horizon scaled to a short run.
-Measured on a 2-core CPU (docs/results.md, "Fashion-MNIST"): SAF reaches 0.907 test top-1
-in 5 minutes.
+Measured on a 2-core CPU (docs/results.md, "Fashion-MNIST"): SAF reaches 0.906 test top-1
+in 5 to 10 minutes.
 
 Every method shares the model, init, data order, schedule and base optimizer, so runs
 with one seed differ only by the method. SAM-family hyperparameters are the papers'
