@@ -56,6 +56,7 @@ Run, e.g. the SAF row of ResNet-50 on 8 GPUs or a TPU host::
 import ml_collections
 
 from configs import default
+from saf_jax import methods
 
 MODELS = ('resnet50', 'resnet101', 'resnet152', 'vit_s32')
 
@@ -115,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.name = 'sgd'
     config.optimizer.lr = 1.4
     config.optimizer.momentum = 0.9
-    trajectory = method.split('+')[0] in ('saf', 'mesa')
+    trajectory = methods.parse(method).trajectory is not None
     config.optimizer.weight_decay = 1e-4 if model == 'resnet50' and trajectory else 3e-5
   config.optimizer.schedule = 'cosine'
   config.optimizer.warmup_epochs = 3  # SAF_train.py's default --warmup-epochs.
