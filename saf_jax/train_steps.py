@@ -22,7 +22,6 @@ batch's statistics and write none; MESA's teacher runs in eval mode with
 ``ema_batch_stats`` and writes nothing.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -76,7 +75,7 @@ def make_train_step(
   Args:
     model: a Flax module called as ``apply(variables, images, train=..., mutable=...)``.
     tx: the optimizer: the base optimizer (an optax transform) for 'sgd', 'saf', 'mesa';
-      the SAM-family transform wrapping it otherwise (see ``train.create_optimizer``).
+      the SAM-family transform wrapping it otherwise (see ``optimizers.create_optimizer``).
     method: a name of ``methods.NAMES`` or its parsed ``methods.Method``.
     lam: :math:`\lambda \ge 0`, weight of the trajectory loss (Algorithm 1, line 11).
     tau: :math:`\tau > 0`, temperature of the trajectory loss (Eq. 9, 13).
@@ -111,7 +110,9 @@ def make_train_step(
   method = methods.parse(method)
   trajectory, perturbation = method.trajectory, method.perturbation
   use_trajectory = trajectory_active and trajectory is not None
-  pmean = functools.partial(transforms._maybe_pmean, axis_name=batch_axis_name)
+
+  def pmean(tree):
+    return tree if batch_axis_name is None else jax.lax.pmean(tree, batch_axis_name)
 
   def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
     full = {'image': batch['image'], 'label': batch['label']}

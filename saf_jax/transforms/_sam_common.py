@@ -1,0 +1,120 @@
+r"""What the SAM-family transforms share: the ``grad_fn`` protocol, state, checks, tree math.
+
+Every method maps the clean gradient :math:`g` to a final gradient (``final_gradient``),
+and :func:`wrap_base` turns that map into a transform with :class:`SAMState`: it checks
+``grad_fn`` and ``params``, averages the final gradient over ``batch_axis_name`` and steps
+the base optimizer. ``looksam`` keeps more state and builds its transform itself from the
+same pieces.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+GradFn = Callable[..., Any]
+"""``grad_fn(params, indices=None) -> grads``: gradient of the mini-batch loss at ``params``.
+
+``indices`` (int32 [k], only passed by ``esam``) restricts the mean loss to those
+examples of the batch. It must not update BatchNorm statistics (see the notes of ``sam``).
+"""
+
+
+def check_nonnegative(name: str, value: float) -> None:
+  """Raises ValueError unless ``value >= 0`` (NaN included); ``name`` goes in the message."""
+  if not value >= 0:
+    raise ValueError(f'{name} must be >= 0, got {value}.')
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """Global L2 norm over all leaves, accumulated in float32; shape=(), float32."""
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def tree_scale(tree: Any, factor: jax.Array) -> Any:
+  """``factor * tree`` leaf by leaf, each leaf keeping its dtype."""
+  return jax.tree.map(lambda x: (x * factor).astype(x.dtype), tree)
+
+
+def tree_axpy(a: jax.Array, x: Any, y: Any) -> Any:
+  """``a * x + y`` leaf by leaf, in the dtype of ``y``."""
+  return jax.tree.map(lambda xi, yi: (a * xi + yi).astype(yi.dtype), x, y)
+
+
+def tree_vdot(a: Any, b: Any) -> jax.Array:
+  """Inner product of two matching pytrees over all leaves, in float32; shape=()."""
+  return sum(
+    jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def safe_inverse(norm: jax.Array) -> jax.Array:
+  """``1 / norm``, and 0 for a zero norm: a zero gradient gives a zero perturbation."""
+  return jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def sam_perturbation(grads: Any, rho: jax.Array | float) -> Any:
+  r""":math:`\hat\epsilon = \rho\, g / \|g\|_2` (Eq. 4 of Du et al. 2022; Foret et al. 2021)."""
+  return tree_scale(grads, rho * safe_inverse(global_norm(grads)))
+
+
+def maybe_pmean(tree: Any, axis_name: str | None) -> Any:
+  """``tree`` averaged over the mapped axis ``axis_name``, or unchanged when it is None."""
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name=axis_name)
+
+
+def require_grad_fn(name: str, grad_fn: GradFn | None, params: Any) -> GradFn:
+  """``grad_fn`` itself; ValueError naming transform ``name`` if it or ``params`` is None."""
+  if grad_fn is None:
+    raise ValueError(f'{name}.update needs grad_fn=..., the gradient at given params.')
+  if params is None:
+    raise ValueError(f'{name}.update needs params, the point the perturbation starts from.')
+  return grad_fn
+
+
+class SAMState(NamedTuple):
+  """State of ``sam``, ``asam``, ``gsam`` and ``esam``.
+
+  Attributes:
+    count: optimizer steps taken; shape=(), int32.
+    base_state: the state of the wrapped base optimizer.
+  """
+
+  count: jax.Array
+  base_state: optax.OptState
+
+
+def base_update(base_optimizer, grads, state, params, *, axis_name):
+  """Averages the final gradient over ``axis_name`` (per-device scope), then the base step."""
+  grads = maybe_pmean(grads, axis_name)
+  return base_optimizer.update(grads, state, params)
+
+
+def wrap_base(
+  name: str,
+  base_optimizer: optax.GradientTransformation,
+  final_gradient: Callable[..., Any],
+  *,
+  batch_axis_name: str | None,
+) -> optax.GradientTransformationExtraArgs:
+  """A transform with :class:`SAMState` whose base optimizer steps on a final gradient.
+
+  ``final_gradient(g, params, count, grad_fn, **extra_args)`` maps the clean gradient to
+  the method's gradient; the rest (state, checks, per-device averaging) is shared.
+  """
+
+  def init_fn(params):
+    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base_optimizer.init(params))
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    grad_fn = require_grad_fn(name, grad_fn, params)
+    final = final_gradient(updates, params, state.count, grad_fn, **extra_args)
+    new_updates, base_state = base_update(
+      base_optimizer, final, state.base_state, params, axis_name=batch_axis_name
+    )
+    return new_updates, SAMState(count=state.count + 1, base_state=base_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
