@@ -168,7 +168,8 @@ def test_first_id_maps_global_ids_to_this_partition(topk):
   ids = np.arange(100, 110)
   logits = np.arange(50, dtype=np.float32).reshape(10, 5)  # Row r: 5r .. 5r + 4.
   table.write(ids[::-1], logits[::-1], epoch=1)
-  np.testing.assert_array_equal(table.written_epoch[1], [1] * 10)  # Rows 0..9, not ids.
+  written = table.state_dict()['written_epoch']
+  np.testing.assert_array_equal(written[1], [1] * 10)  # Rows 0..9, not ids.
   targets, mask = table.gather(np.array([103, 100, 109]), epoch=3)
   np.testing.assert_array_equal(mask, [1, 1, 1])
   # Top-3 of 5 keeps the 3 largest exactly; both layouts must return row 3, 0, 9.
@@ -192,8 +193,9 @@ def test_topk_keeps_topk_probabilities_and_tail_mass(dtype):
   num, num_classes, k, tau = 6, 20, 5, 2.0
   logits = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
   table = logit_table.LogitTable(num, num_classes, E_tilde=1, dtype=dtype, topk=k, tau=tau)
-  assert table.values is None
-  assert table.topk_values.dtype == np.dtype(dtype) and table.topk_ids.dtype == np.uint16
+  arrays = table.state_dict()
+  assert 'values' not in arrays
+  assert arrays['topk_values'].dtype == np.dtype(dtype) and arrays['topk_ids'].dtype == np.uint16
   table.write(np.arange(num), logits, epoch=1)
   targets, mask = table.gather(np.arange(num), epoch=2)
   assert mask.all() and targets.dtype == np.float32
@@ -224,9 +226,10 @@ def test_topk_rest_lse_is_the_tails_logsumexp_at_tau():
   logits = np.array([[0.0, 1.0, 5.0, 2.0, -1.0]], np.float32)
   table = logit_table.LogitTable(1, 5, E_tilde=1, topk=2, tau=0.5)
   table.write(np.array([0]), logits, epoch=1)
-  assert sorted(table.topk_ids[0, 0].tolist()) == [2, 3]
+  arrays = table.state_dict()
+  assert sorted(arrays['topk_ids'][0, 0].tolist()) == [2, 3]
   tail = np.array([0.0, 1.0, -1.0]) / 0.5
-  np.testing.assert_allclose(table.rest_lse[0, 0], np.log(np.exp(tail).sum()), rtol=1e-6)
+  np.testing.assert_allclose(arrays['rest_lse'][0, 0], np.log(np.exp(tail).sum()), rtol=1e-6)
   targets, _ = table.gather(np.array([0]), epoch=2)
   fill = 0.5 * (np.log(np.exp(tail).sum()) - np.log(3))
   np.testing.assert_allclose(targets[0], [fill, fill, 5.0, 2.0, fill], rtol=1e-6)
@@ -296,12 +299,20 @@ def test_topk_compression_error_checks_shapes():
     logit_table.topk_compression_error(np.zeros((2, 5)), np.zeros((2, 5)), k=5, tau=1.0)
 
 
+def test_topk_compression_error_names_the_range_without_full_storage():
+  with pytest.raises(ValueError, match=r'table_topk must be an integer in \[1, 5\) for 5 classes'):
+    logit_table.topk_compression_error(np.zeros((2, 5)), np.zeros((2, 5)), k=0, tau=1.0)
+  with pytest.raises(ValueError, match=r'table_topk must be 0 \(store all logits\) or'):
+    logit_table.topk_compression_error(np.zeros((2, 5)), np.zeros((2, 5)), k=5, tau=1.0)
+
+
 def test_topk_class_ids_widen_past_65535_classes():
   num_classes = 70000
   table = logit_table.LogitTable(1, num_classes, E_tilde=1, topk=2, tau=1.0)
-  assert table.topk_ids.dtype == np.int32
-  assert logit_table.LogitTable(1, 65535, E_tilde=1, topk=2, tau=1.0).topk_ids.dtype == np.uint16
-  assert logit_table.LogitTable(1, 65536, E_tilde=1, topk=2, tau=1.0).topk_ids.dtype == np.int32
+  assert table.state_dict()['topk_ids'].dtype == np.int32
+  for classes, id_dtype in ((65535, np.uint16), (65536, np.int32)):
+    narrow = logit_table.LogitTable(1, classes, E_tilde=1, topk=2, tau=1.0)
+    assert narrow.state_dict()['topk_ids'].dtype == id_dtype
   logits = np.zeros((1, num_classes), np.float32)
   logits[0, [69999, 65536]] = [9.0, 8.0]
   table.write(np.array([0]), logits, epoch=1)
@@ -372,7 +383,9 @@ def test_imagenet_table_nbytes():
 def test_memmap_table_lives_in_npy_files(tmp_path):
   directory = str(tmp_path / 'table')
   table = logit_table.LogitTable(6, 3, E_tilde=2, memmap_dir=directory)
-  assert isinstance(table.values, np.memmap) and isinstance(table.written_epoch, np.memmap)
+  arrays = table.state_dict()
+  assert isinstance(arrays['values'], np.memmap)
+  assert isinstance(arrays['written_epoch'], np.memmap)
   assert sorted(p.name for p in (tmp_path / 'table').iterdir()) == [
     'values.npy',
     'written_epoch.npy',
@@ -414,9 +427,9 @@ def test_memmap_load_state_dict_copies_in_place(tmp_path):
   source = logit_table.LogitTable(5, 2, E_tilde=2)
   source.write(np.array([1, 3]), np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), epoch=1)
   table = logit_table.LogitTable(5, 2, E_tilde=2, memmap_dir=str(tmp_path))
-  values = table.values
+  values = table.state_dict()['values']
   table.load_state_dict(source.state_dict())
-  assert table.values is values and isinstance(table.values, np.memmap)
+  assert table.state_dict()['values'] is values and isinstance(values, np.memmap)
   targets, mask = table.gather(np.array([1, 2, 3]), epoch=3)
   np.testing.assert_array_equal(mask, [1, 0, 1])
   np.testing.assert_array_equal(targets[[0, 2]], [[1.0, 2.0], [3.0, 4.0]])
@@ -470,7 +483,8 @@ def _int8_round_trip(logits, **kwargs):
   table.write(np.arange(num), logits, epoch=1)
   targets, mask = table.gather(np.arange(num), epoch=2)
   assert mask.all() and targets.dtype == np.float32
-  return targets, table.row_min[0], table.row_scale[0], table
+  arrays = table.state_dict()
+  return targets, arrays['row_min'][0], arrays['row_scale'][0], table
 
 
 @pytest.mark.parametrize('spread', [0.01, 3.0, 300.0])
@@ -478,11 +492,12 @@ def test_int8_round_trip_error_is_at_most_half_the_row_scale(spread):
   rng = np.random.default_rng(5)
   logits = (spread * rng.normal(size=(64, 100)) + 7.0).astype(np.float32)
   targets, row_min, row_scale, table = _int8_round_trip(logits)
-  assert table.values.dtype == np.uint8 and table.row_min.dtype == np.float32
+  arrays = table.state_dict()
+  assert arrays['values'].dtype == np.uint8 and arrays['row_min'].dtype == np.float32
   np.testing.assert_array_equal(row_min, logits.min(-1))
   want_scale = (logits.max(-1).astype(np.float64) - logits.min(-1)) / 255
   np.testing.assert_allclose(row_scale, want_scale, rtol=1e-7)
-  codes = table.values[0]
+  codes = arrays['values'][0]
   assert (codes.min(-1) == 0).all() and (codes.max(-1) == 255).all()  # The full 8 bits.
   np.testing.assert_array_equal(targets, codes * row_scale[:, None] + row_min[:, None])
   error = np.abs(targets.astype(np.float64) - logits)  # [N, K]
@@ -498,7 +513,7 @@ def test_int8_constant_and_non_finite_rows():
   logits = np.array([[2.5] * 4, [-1.0, 0.0, 1.0, 2.0], [0.0, np.inf, 1.0, 2.0]], np.float32)
   targets, row_min, row_scale, table = _int8_round_trip(logits)
   assert row_scale[0] == 0.0 and row_min[0] == 2.5
-  np.testing.assert_array_equal(table.values[0, 0], 0)
+  np.testing.assert_array_equal(table.state_dict()['values'][0, 0], 0)
   np.testing.assert_array_equal(targets[0], logits[0])  # A constant row is exact.
   np.testing.assert_allclose(targets[1], logits[1], atol=3.0 / 255 / 2 + 1e-6)
   assert np.isnan(row_min[2]) and np.isnan(row_scale[2])  # Handed on as NaN, not clipped.
@@ -529,21 +544,24 @@ def test_int8_topk_quantises_the_kept_logits():
   num, num_classes, k, tau = 6, 20, 5, 2.0
   logits = (3.0 * rng.normal(size=(num, num_classes))).astype(np.float32)
   targets, row_min, row_scale, table = _int8_round_trip(logits, topk=k, tau=tau)
-  assert table.values is None and table.topk_values.dtype == np.uint8
+  arrays = table.state_dict()
+  assert 'values' not in arrays and arrays['topk_values'].dtype == np.uint8
   exact = logit_table.LogitTable(num, num_classes, E_tilde=1, topk=k, tau=tau)
   exact.write(np.arange(num), logits, epoch=1)
-  np.testing.assert_array_equal(table.topk_ids, exact.topk_ids)
-  np.testing.assert_array_equal(table.rest_lse, exact.rest_lse)  # From unquantised logits.
+  exact_arrays = exact.state_dict()
+  np.testing.assert_array_equal(arrays['topk_ids'], exact_arrays['topk_ids'])
+  # rest_lse is the tail's, from the unquantised logits.
+  np.testing.assert_array_equal(arrays['rest_lse'], exact_arrays['rest_lse'])
   top = np.sort(logits, axis=-1)[:, -k:]  # [N, k]
   np.testing.assert_array_equal(row_min, top[:, 0])
   np.testing.assert_allclose(row_scale, (top[:, -1] - top[:, 0]) / 255, rtol=1e-6)
-  kept = np.take_along_axis(targets, table.topk_ids[0].astype(np.intp), axis=-1)
-  want = np.take_along_axis(logits, table.topk_ids[0].astype(np.intp), axis=-1)
+  kept = np.take_along_axis(targets, arrays['topk_ids'][0].astype(np.intp), axis=-1)
+  want = np.take_along_axis(logits, arrays['topk_ids'][0].astype(np.intp), axis=-1)
   assert (np.abs(kept - want) <= row_scale[:, None] / 2 + 1e-6).all()
   assert np.abs(kept - want).max() > 0  # Really rounded.
   expected, _ = exact.gather(np.arange(num), epoch=2)
   tail = np.ones_like(logits, bool)
-  np.put_along_axis(tail, table.topk_ids[0].astype(np.intp), False, axis=-1)
+  np.put_along_axis(tail, arrays['topk_ids'][0].astype(np.intp), False, axis=-1)
   np.testing.assert_array_equal(targets[tail], expected[tail])  # The flat tail as before.
 
 
