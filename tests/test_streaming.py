@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from saf_jax import data, train
-from saf_jax.data import partition, streamed
+from saf_jax.data import partition, streamed, streamed_ops
 from tests import conftest
 
 _CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
@@ -112,7 +112,7 @@ def test_ids_are_positions_in_tfds_order(data_dir):
   read = [(ex['file_name'].decode(), ex['tfds_id']) for ex in ds.as_numpy_iterator()]
   assert [name for name, _ in read] != names  # Really read out of order.
   for name, tfds_id in read:
-    assert names[int(streamed.dense_ids(tf.constant(tfds_id), offsets))] == name
+    assert names[int(streamed_ops.dense_ids(tf.constant(tfds_id), offsets))] == name
 
 
 def test_epoch_covers_each_id_once_in_a_replayable_order(data_dir):
@@ -159,15 +159,15 @@ def test_examples_are_shuffled_across_files_whatever_the_global_seed(data_dir):
 
 def test_window_shuffle_permutes_each_window_by_its_seed():
   ds = tf.data.Dataset.range(10).map(lambda i: {'a': i, 'b': 2 * i})
-  out = list(streamed.window_shuffle(ds, 4, [7]).as_numpy_iterator())
+  out = list(streamed_ops.window_shuffle(ds, 4, [7]).as_numpy_iterator())
   a = [x['a'] for x in out]
   assert [x['b'] for x in out] == [2 * x for x in a]  # Fields stay together.
   assert sorted(a[:4]) == [0, 1, 2, 3] and sorted(a[4:8]) == [4, 5, 6, 7]
   assert sorted(a[8:]) == [8, 9] and a != list(range(10))
-  again = [x['a'] for x in streamed.window_shuffle(ds, 4, [7]).as_numpy_iterator()]
-  other = [x['a'] for x in streamed.window_shuffle(ds, 4, [8]).as_numpy_iterator()]
+  again = [x['a'] for x in streamed_ops.window_shuffle(ds, 4, [7]).as_numpy_iterator()]
+  other = [x['a'] for x in streamed_ops.window_shuffle(ds, 4, [8]).as_numpy_iterator()]
   assert again == a and other != a
-  assert [x['a'] for x in streamed.window_shuffle(ds, 1, [7]).as_numpy_iterator()] == list(
+  assert [x['a'] for x in streamed_ops.window_shuffle(ds, 1, [7]).as_numpy_iterator()] == list(
     range(10)
   )
 
@@ -176,7 +176,7 @@ def test_crop_windows():
   shape = tf.constant([300, 400, 3], tf.int32)
   boxes = np.stack(
     [
-      streamed.inception_crop_window(shape, tf.constant([s, 1], tf.int64)).numpy()
+      streamed_ops.inception_crop_window(shape, tf.constant([s, 1], tf.int64)).numpy()
       for s in range(300)
     ]
   )
@@ -191,17 +191,17 @@ def test_crop_windows():
   assert area.min() < 0.15 and np.median(area) < 0.7  # Spread over the range.
   # Evaluation: "resize to 256, center-crop 224" for a 256 x 341 image is this window.
   np.testing.assert_array_equal(
-    streamed.center_crop_window(tf.constant([256, 341, 3]), 224), [16, 59, 224, 224]
+    streamed_ops.center_crop_window(tf.constant([256, 341, 3]), 224), [16, 59, 224, 224]
   )
   np.testing.assert_array_equal(
-    streamed.center_crop_window(tf.constant([60, 40, 3]), 16), [24, 14, 13, 13]
+    streamed_ops.center_crop_window(tf.constant([60, 40, 3]), 16), [24, 14, 13, 13]
   )
 
 
 def test_inception_flip_mirrors_left_right(data_dir, monkeypatch):
   # With the whole image as the only allowed box, each output is the resized image or its
   # left-right mirror.
-  monkeypatch.setattr(streamed, '_AREA_RANGE', (1.0, 1.0))
+  monkeypatch.setattr(streamed_ops, '_AREA_RANGE', (1.0, 1.0))
   config = _input(data_dir, num_train_examples=12)
   crops = _epoch(data.create_datasets(config.input, seed=0), 1, batch_size=4)
   builder = tfds.builder('imagenet2012', data_dir=data_dir)

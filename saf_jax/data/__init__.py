@@ -43,6 +43,8 @@ The modules (none imports another backend, and none imports JAX itself):
 * ``memory``: TFDS splits and image folders held in memory (above).
 * ``folder``: image folders and their archives, decoded (and cached) to arrays.
 * ``streamed``: ImageNet streamed from its TFDS files, ids from ``tfds_id``.
+* ``streamed_ops``: the TensorFlow operations of ``streamed``: ids from ``tfds_id``, stateless
+  file and window shuffles, JPEG crops.
 * ``synthetic``: random batches of a dataset's shape, for the benchmark.
 * ``tfds_prep``: a TFDS dataset made ready, or ``DataNotFoundError`` saying how.
 * ``fashion_mnist``: Debian's Fashion-MNIST IDX files written as a TFDS dataset.

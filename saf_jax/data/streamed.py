@@ -27,18 +27,23 @@ when it wrote the files).
 
 Augmentation (``config.input.augment``):
 
-* ``'inception_crop'``: TensorFlow's Inception crop (:func:`inception_crop_window`): a box of
-  8-100% of the image area and aspect ratio in [3/4, 4/3] (the ranges of timm's
-  ``RandomResizedCrop``, which the official SAF code uses, though timm draws the box
-  differently and falls back to a center crop), decoded from the JPEG, resized to
-  ``image_size`` square (bilinear, no antialiasing), then a random horizontal flip; all
-  keyed by ``(seed, epoch, index)``. The official code also applies colour jitter (0.4) and
-  a random bilinear/bicubic resize; this pipeline does not.
+* ``'inception_crop'``: TensorFlow's Inception crop
+  (:func:`~saf_jax.data.streamed_ops.inception_crop_window`): a box of 8-100% of the image
+  area and aspect ratio in [3/4, 4/3] (the ranges of timm's ``RandomResizedCrop``, which the
+  official SAF code uses, though timm draws the box differently and falls back to a center
+  crop), decoded from the JPEG, resized to ``image_size`` square (bilinear, no
+  antialiasing), then a random horizontal flip; all keyed by ``(seed, epoch, index)``. The
+  official code also applies colour jitter (0.4) and a random bilinear/bicubic resize; this
+  pipeline does not.
 * ``'none'``: the evaluation transform below, for training as well.
 
-Evaluation (:func:`center_crop_window`): the center square of side ``image_size /
-(image_size + 32)`` of the shorter side (224 px of 256: crop fraction 0.875) is decoded and
-resized to ``image_size``, the crop-then-resize form of "resize to 256, center-crop 224".
+Evaluation (:func:`~saf_jax.data.streamed_ops.center_crop_window`): the center square of side
+``image_size / (image_size + 32)`` of the shorter side (224 px of 256: crop fraction 0.875) is
+decoded and resized to ``image_size``, the crop-then-resize form of "resize to 256, center-crop
+224".
+
+The TensorFlow operations (ids, file and window shuffles, crops) are in
+:mod:`saf_jax.data.streamed_ops`; this module composes them.
 
 Example::
 
@@ -61,7 +66,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from saf_jax.data import base, batching, partition, tfds_prep
+from saf_jax.data import base, batching, partition, streamed_ops, tfds_prep
 from saf_jax.data.tf_runtime import tf, tfds
 
 
@@ -80,21 +85,8 @@ class _Spec:
 SPECS = {
   'imagenet2012': _Spec('train', 'validation', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DATASETS = tuple(sorted(SPECS))
-AUGMENTATIONS = base.STREAMED_AUGMENTATIONS  # ('inception_crop', 'none').
 DEFAULT_IMAGE_SIZE = 224  # Pixels, used when config.input.image_size is -1.
-# Eval crop: image_size / (image_size + EVAL_CROP_PADDING) of the shorter side (224 of 256).
-EVAL_CROP_PADDING = 32
 DEFAULT_SHUFFLE_BUFFER = 16_384  # Examples per shuffle window, about 1.8 GB of ImageNet JPEGs.
-
-# Inception crop: fraction of the image area and aspect-ratio range (timm's RandomResizedCrop).
-_AREA_RANGE = (0.08, 1.0)
-_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
-_CROP_ATTEMPTS = 10
-
-# Stream ids folded into the (seed, epoch) key per example, one per use of randomness.
-_CROP_STREAM = 0
-_FLIP_STREAM = 1
 
 
 class StreamedDatasets:
@@ -105,7 +97,7 @@ class StreamedDatasets:
 
   Attributes:
     info: sizes and shapes of the splits served.
-    augment: one of ``AUGMENTATIONS``, applied to train batches only.
+    augment: one of ``base.STREAMED_AUGMENTATIONS``, applied to train batches only.
     image_size: side of the square images served, pixels.
     shuffle_buffer: encoded examples per shuffle window of each process.
     seed: seed of the train order and augmentation.
@@ -131,7 +123,7 @@ class StreamedDatasets:
       info: sizes and shapes served; ``image_shape`` is ``(size, size, 3)``.
       train_offsets: int64 [shards], the first id of each train shard.
       test_offsets: int64 [shards], the first id of each test shard.
-      augment: one of ``AUGMENTATIONS``.
+      augment: one of ``base.STREAMED_AUGMENTATIONS``.
       shuffle_buffer: encoded examples per shuffle window, >= 1.
       seed: seed of the train order and augmentation.
     """
@@ -189,19 +181,19 @@ class StreamedDatasets:
       self._train_offsets,
       file_order=order,
     )
-    ds = window_shuffle(ds, self.shuffle_buffer, order)
+    ds = streamed_ops.window_shuffle(ds, self.shuffle_buffer, order)
     ds = ds.take(num_batches * batch_size).skip(start_batch * batch_size)
     epoch_key = tf.constant([self.seed, epoch], tf.int64)
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
       if self.augment == 'none':
-        image = self._center_crop(example['image'])
+        image = streamed_ops.center_crop(example['image'], self.image_size)
       else:
         key = tf.random.experimental.stateless_fold_in(epoch_key, example['index'], alg='philox')
-        image = self._inception_crop(example['image'], key)
+        image = streamed_ops.inception_crop(example['image'], key, self.image_size)
       return self._output(image, example)
 
-    return self._batches(ds, transform, batch_size, drop_remainder=True)
+    return self._batches(ds, transform, batch_size)
 
   def train_subset_batches(
     self, *, num_batches: int, batch_size: int, seed: int
@@ -224,9 +216,9 @@ class StreamedDatasets:
     ).take(num_batches * batch_size)
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-      return self._output(self._center_crop(example['image']), example)
+      return self._output(streamed_ops.center_crop(example['image'], self.image_size), example)
 
-    return self._batches(ds, transform, batch_size, drop_remainder=True)
+    return self._batches(ds, transform, batch_size)
 
   def test_batches(
     self,
@@ -261,7 +253,7 @@ class StreamedDatasets:
     ).take(last - first)
 
     def transform(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-      return self._output(self._center_crop(example['image']), example)
+      return self._output(streamed_ops.center_crop(example['image'], self.image_size), example)
 
     def pad(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
       return batching.pad_batch(batch, [batch_size, *self.info.image_shape])
@@ -298,7 +290,7 @@ class StreamedDatasets:
     options.deterministic = True
     read_config = tfds.ReadConfig(add_tfds_id=True, options=options)
     if file_order is not None:
-      read_config.experimental_interleave_sort_fn = _file_permutation(file_order)
+      read_config.experimental_interleave_sort_fn = streamed_ops.file_permutation(file_order)
     if one_file_at_a_time:
       read_config.interleave_cycle_length = 1
     ds = self._builder.as_dataset(
@@ -311,17 +303,18 @@ class StreamedDatasets:
       lambda ex: {
         'image': ex['image'],
         'label': tf.cast(ex['label'], tf.int32),
-        'index': dense_ids(ex['tfds_id'], offsets),
+        'index': streamed_ops.dense_ids(ex['tfds_id'], offsets),
       },
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True,
     )
 
   def _batches(
-    self, ds: tf.data.Dataset, transform, batch_size: int, *, drop_remainder: bool
+    self, ds: tf.data.Dataset, transform, batch_size: int
   ) -> Iterator[dict[str, np.ndarray]]:
+    """``transform`` mapped over ``ds``, in full batches (the last partial one dropped)."""
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
   def _output(self, image: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -334,151 +327,6 @@ class StreamedDatasets:
       'index': tf.cast(example['index'], tf.int32),
     }
 
-  def _inception_crop(self, jpeg: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-    """Random-resized crop and flip of one JPEG, keyed by ``key`` (int64 [2]).
-
-    Returns:
-      float32 [S, S, 3], pixel values in [0, 255].
-    """
-    window = inception_crop_window(
-      tf.io.extract_jpeg_shape(jpeg),
-      tf.random.experimental.stateless_fold_in(key, _CROP_STREAM, alg='philox'),
-    )
-    image = self._decode(jpeg, window)
-    flip_seed = tf.random.experimental.stateless_fold_in(key, _FLIP_STREAM, alg='philox')
-    flip = tf.random.stateless_uniform([], seed=flip_seed, alg='philox') < 0.5
-    return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-
-  def _center_crop(self, jpeg: tf.Tensor) -> tf.Tensor:
-    """The evaluation crop of one JPEG: float32 [S, S, 3], pixel values in [0, 255]."""
-    window = center_crop_window(tf.io.extract_jpeg_shape(jpeg), self.image_size)
-    return self._decode(jpeg, window)
-
-  def _decode(self, jpeg: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
-    """Decodes only ``window`` (int32 [4]) of a JPEG, resized bilinearly to [S, S, 3] float32."""
-    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
-    return tf.image.resize(image, [self.image_size, self.image_size], method='bilinear')
-
-
-def inception_crop_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """The Inception crop's window of an image, drawn statelessly.
-
-  A box of ``_AREA_RANGE`` (8-100%) of the image area with aspect ratio (width / height)
-  in ``_ASPECT_RATIO_RANGE`` ([3/4, 4/3]), by
-  ``tf.image.stateless_sample_distorted_bounding_box``; the whole image when
-  ``_CROP_ATTEMPTS`` (10) draws all fail.
-
-  Args:
-    shape: int32 [3], the image's (height, width, channels).
-    seed: int [2], the stateless seed.
-
-  Returns:
-    int32 [4], ``(top, left, height, width)`` in pixels, for ``tf.io.decode_and_crop_jpeg``.
-  """
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    shape,
-    bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-    seed=seed,
-    min_object_covered=0.0,
-    aspect_ratio_range=_ASPECT_RATIO_RANGE,
-    area_range=_AREA_RANGE,
-    max_attempts=_CROP_ATTEMPTS,
-    use_image_if_no_bounding_boxes=True,
-  )
-  return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
-def center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
-  """The evaluation window: the center square of ``S / (S + 32)`` of the shorter side.
-
-  For an image already resized to a shorter side of ``S + 32`` (256 for ``S = 224``) this
-  is exactly the central ``S x S`` crop.
-
-  Args:
-    shape: int32 [3], the image's (height, width, channels).
-    image_size: ``S``, the side of the served images, pixels.
-
-  Returns:
-    int32 [4], ``(top, left, side, side)`` in pixels, rounded down; odd margins put the
-    extra pixel above and to the left.
-  """
-  height, width = shape[0], shape[1]
-  fraction = image_size / (image_size + EVAL_CROP_PADDING)
-  side = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
-  side = tf.maximum(side, 1)
-  return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
-
-
-def window_shuffle(ds: tf.data.Dataset, window: int, seed: list[int]) -> tf.data.Dataset:
-  """Shuffles ``ds`` within consecutive windows of ``window`` elements, statelessly.
-
-  Window ``k`` is permuted by ``tf.random.experimental.stateless_shuffle`` with a key from
-  ``(seed, k)``, so the result depends on ``seed`` alone, not on TensorFlow's global seed
-  (``tf.data.Dataset.shuffle`` mixes that in). Examples never leave their window; with the
-  files read in a shuffled order and interleaved, a window holds examples of many files.
-
-  Args:
-    ds: a dataset of (nested) tensors of fixed shapes.
-    window: elements per window, >= 1; 1 keeps the order.
-    seed: non-negative integers.
-
-  Returns:
-    The same elements, permuted within each window.
-  """
-  key = tf.constant(np.random.SeedSequence(seed).generate_state(2, np.uint64) >> 1, tf.int64)
-
-  def permute(k: tf.Tensor, elements):
-    n = tf.shape(tf.nest.flatten(elements)[0])[0]
-    order = tf.random.experimental.stateless_shuffle(
-      tf.range(n), seed=tf.random.experimental.stateless_fold_in(key, k, alg='philox'), alg='philox'
-    )
-    return tf.nest.map_structure(lambda t: tf.gather(t, order), elements)
-
-  return ds.batch(window).enumerate().map(permute).unbatch()
-
-
-def dense_ids(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
-  """Maps TFDS example ids to positions in the split's TFDS order.
-
-  Args:
-    tfds_id: string tensor of any shape, ids as TFDS writes them with
-      ``ReadConfig(add_tfds_id=True)``, e.g. ``b'imagenet2012-train.tfrecord-00007-of-01024__12'``
-      (shard 7, 13th example of that shard).
-    offsets: int64 [num_shards], the first id of each shard (cumulative shard lengths).
-
-  Returns:
-    int64, the same shape: ``offsets[shard] + position in shard``.
-
-  Raises:
-    tf.errors.InvalidArgumentError: (when run) for an id not of that form, or a shard
-      number outside ``offsets``.
-  """
-  shard = tf.strings.regex_replace(tfds_id, r'^.*-(\d+)-of-\d+__\d+$', r'\1')
-  position = tf.strings.regex_replace(tfds_id, r'^.*__(\d+)$', r'\1')
-  shard = tf.strings.to_number(shard, tf.int64)
-  return tf.gather(offsets, shard) + tf.strings.to_number(position, tf.int64)
-
-
-def _file_permutation(seed: list[int]):
-  """A TFDS ``experimental_interleave_sort_fn`` that orders the files by ``seed`` alone."""
-
-  def permute(instructions: list) -> list:
-    order = np.random.default_rng(seed).permutation(len(instructions))
-    return [instructions[i] for i in order]
-
-  return permute
-
-
-def _shard_offsets(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, int | None]:
-  """First id of each shard of ``split`` and its size; ``([0], None)`` when not recorded.
-
-  ``tfds.testing.mock_data`` records no split: it serves one file whose ids start at 0.
-  """
-  if split not in builder.info.splits:
-    return np.zeros([1], np.int64), None
-  lengths = np.asarray(builder.info.splits[split].shard_lengths, np.int64)
-  return np.concatenate([[0], np.cumsum(lengths)[:-1]]), int(lengths.sum())
-
 
 def create(
   input_config: ml_collections.ConfigDict, *, seed: int, process_count: int = 1
@@ -486,11 +334,13 @@ def create(
   """Opens a streamed dataset, preparing it first from a manual download if needed.
 
   Args:
-    input_config: ``config.input`` with fields ``dataset`` (one of ``DATASETS``),
+    input_config: ``config.input`` with fields ``dataset`` (a key of ``SPECS``),
       ``data_dir`` (str, or None for the TFDS default), ``num_train_examples`` /
       ``num_test_examples`` (int; -1 for the whole split, else the first N in TFDS order),
-      ``augment`` (one of ``AUGMENTATIONS``), ``image_size`` (pixels; -1 for
-      ``DEFAULT_IMAGE_SIZE``) and ``shuffle_buffer`` (encoded examples, >= 1).
+      ``augment`` (one of ``base.STREAMED_AUGMENTATIONS``), ``image_size`` (pixels; -1 for
+      ``DEFAULT_IMAGE_SIZE``) and ``shuffle_buffer`` (encoded examples, >= 1). The ranges
+      of the sizes and of ``shuffle_buffer`` are checked by
+      :func:`saf_jax.validation.validate_config`, not here.
     seed: seed of the train order and augmentation.
     process_count: processes of the run; with more than one, an unprepared dataset is
       refused instead of prepared (each would prepare it at once).
@@ -506,35 +356,28 @@ def create(
   """
   name = input_config.dataset
   if name not in SPECS:
-    raise ValueError(f'config.input.dataset={name!r} is not streamed; use one of {DATASETS}.')
-  if input_config.augment not in AUGMENTATIONS:
+    raise ValueError(f'config.input.dataset={name!r} is not streamed; use one of {list(SPECS)}.')
+  if input_config.augment not in base.STREAMED_AUGMENTATIONS:
     raise ValueError(
       f'config.input.augment={input_config.augment!r} is not supported for {name}; use one '
-      f'of {list(AUGMENTATIONS)}.'
+      f'of {list(base.STREAMED_AUGMENTATIONS)}.'
     )
   image_size = input_config.get('image_size', -1)
   if image_size == -1:
     image_size = DEFAULT_IMAGE_SIZE
   shuffle_buffer = input_config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER)
-  if image_size < 1 or shuffle_buffer < 1:
-    raise ValueError(
-      f'config.input.image_size (-1 or >= 1 pixels) and config.input.shuffle_buffer (>= 1 '
-      f'examples) are {input_config.get("image_size")} and {shuffle_buffer}.'
-    )
   spec = SPECS[name]
   builder = tfds_prep.ready_builder(
     name, data_dir=input_config.data_dir, process_count=process_count
   )
-  train_offsets, num_train = _shard_offsets(builder, spec.train_split)
-  test_offsets, num_test = _shard_offsets(builder, spec.test_split)
+  train_offsets, num_train = streamed_ops.shard_offsets(builder, spec.train_split)
+  test_offsets, num_test = streamed_ops.shard_offsets(builder, spec.test_split)
   sizes = {}
   for split, field, available in (
     (spec.train_split, 'num_train_examples', num_train),
     (spec.test_split, 'num_test_examples', num_test),
   ):
     wanted = input_config[field]
-    if wanted != -1 and wanted < 1:
-      raise ValueError(f'config.input.{field} must be -1 (all) or positive, got {wanted}.')
     if available is None and wanted == -1:
       raise ValueError(
         f'The {split} split of {name} records no size in {builder.data_dir}: set '
