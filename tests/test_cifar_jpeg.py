@@ -241,12 +241,17 @@ def test_the_model_ema_resumes_exactly_and_off_it_leaves_the_checkpoint_format_a
   from saf_jax import checkpoint, train
 
   config = _tiny_run(tmp_path, ema_decay=0.5)
-  straight = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  first = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  straight = first.record
+  assert (first.status, first.epoch, first.step) == (train.FINISHED, 3, straight['step'])
+  assert first.batches_done * 3 == first.step
+  again = train.train_and_evaluate(config, str(tmp_path / 'a'))  # Nothing left to train.
+  assert (again.status, again.step, again.record) == (train.ALREADY_DONE, first.step, {})
   # Resume from epoch 2: drop epoch 3's checkpoint (its metrics line is rewritten).
   train.train_and_evaluate(config, str(tmp_path / 'b'))
   steps = checkpoint.saved_steps(str(tmp_path / 'b'))
   shutil.rmtree(tmp_path / 'b' / 'checkpoints' / str(steps[-1]))
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b')).record
   assert resumed['test_model_ema/loss'] == straight['test_model_ema/loss']
   assert resumed['test_model_ema/accuracy'] == straight['test_model_ema/accuracy']
 
@@ -259,7 +264,7 @@ def test_the_model_ema_resumes_exactly_and_off_it_leaves_the_checkpoint_format_a
   assert 'model_ema_params' in metadata(str(tmp_path / 'b'))
   off = _tiny_run(tmp_path, ema_decay=0.0)
   off.num_epochs = 1
-  record = train.train_and_evaluate(off, str(tmp_path / 'c'))
+  record = train.train_and_evaluate(off, str(tmp_path / 'c')).record
   assert 'test_model_ema/accuracy' not in record
   assert 'model_ema' not in metadata(str(tmp_path / 'c'))
   assert 'ema_params' in metadata(str(tmp_path / 'c'))  # The old tree's keys.

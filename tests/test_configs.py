@@ -99,7 +99,7 @@ def test_smoke_config_trains_one_step(config_module, arg, dataset, tmp_path):
   config = config_module.get_config(f'{arg},smoke')
   workdir = str(tmp_path / 'run')
   with _MOCK_DATA(num_examples=4):
-    record = train.train_and_evaluate(config, workdir)
+    record = train.train_and_evaluate(config, workdir).record
   method = config.method.name
   assert record['step'] == 1
   assert record['train/trajectory_active'] == int(method in ('saf', 'mesa'))

@@ -95,7 +95,7 @@ def test_saf_trains_on_a_folder(tmp_path):
   config.method.saf.E_tilde = 1
   config.analysis.sharpness_every_epochs = 0
   workdir = str(tmp_path / 'run')
-  record = train.train_and_evaluate(config, workdir)
+  record = train.train_and_evaluate(config, workdir).record
   assert record['epoch'] == 3 and record['train/table_valid_fraction'] == 1.0
   assert 0.0 <= record['test/accuracy'] <= 1.0
   with open(os.path.join(workdir, 'config.json')) as f:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from saf_jax import data, logit_table, train
+from saf_jax import data, experiment, logit_table, train
 from saf_jax.data import partition
 from saf_jax.tools import analyze
 from tests import conftest
@@ -123,7 +123,7 @@ def test_matches_a_single_process_replay_of_the_same_global_batches(
   config.input.data_dir = fashion_mnist_data_dir
   config.analysis.sharpness_every_epochs = 0
   datasets = data.create_datasets(config.input, seed=config.seed)
-  exp = train.build_experiment(config, datasets.info)
+  exp = experiment.create(config, datasets.info)
   state = exp.init_state()
   table = logit_table.LogitTable(NUM_TRAIN, 10, E_tilde=config.method.saf.E_tilde)
   losses = []
@@ -132,7 +132,7 @@ def test_matches_a_single_process_replay_of_the_same_global_batches(
       datasets.train_epoch(epoch, batch_size=32, process_index=p, process_count=2) for p in (0, 1)
     ]
     merged = ({k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*local, strict=True))
-    state, step_metrics, _ = exp.run_steps(state, merged, epoch=epoch, table=table)
+    state, step_metrics, _ = train.run_steps(exp, state, merged, epoch=epoch, table=table)
     losses.append(float(np.mean([m['loss'] for m in step_metrics])))
   records = _records(workdir)
   # One device here, one per process there: only the float summation order differs.

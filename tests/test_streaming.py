@@ -356,7 +356,7 @@ def test_saf_trains_on_streamed_imagenet(data_dir, tmp_path):
   config.method.saf.E_start = 1
   config.method.saf.E_tilde = 1
   config.analysis.sharpness_every_epochs = 0
-  record = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  record = train.train_and_evaluate(config, str(tmp_path / 'run')).record
   assert record['step'] == 3 * 3 and record['train/trajectory_active'] == 1
   # Epoch 3's targets are epoch 2's logits of the same ids: a positive, finite KL.
   assert 0 < record['train/trajectory_loss'] < 10

@@ -1,4 +1,4 @@
-"""The package's shape: no import cycle, tools apart from the library, moved tools say where."""
+"""The package's shape: short modules, no import cycle, tools apart, moved tools say where."""
 
 import ast
 import os
@@ -11,6 +11,7 @@ from tests import conftest
 
 PACKAGE = os.path.join(conftest.REPO_ROOT, 'saf_jax')
 TOOLS = ('analyze', 'benchmark', 'compare', 'table_report', 'prepare_data')
+MAX_MODULE_LINES = 450  # A module longer than this is split by what its parts do.
 
 
 def _module_name(path: str) -> str:
@@ -107,8 +108,19 @@ def test_every_saf_jax_import_names_a_module_or_its_name():
 
 def test_no_import_cycle_among_the_packages_modules():
   graph = _imports()
-  assert 'saf_jax.train' in graph and 'saf_jax.methods' in graph['saf_jax.train']
+  assert 'saf_jax.train' in graph and 'saf_jax.experiment' in graph['saf_jax.train']
   assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+
+
+def test_no_module_is_longer_than_max_module_lines():
+  lengths = {}
+  for root, _, names in os.walk(PACKAGE):
+    for name in names:
+      if name.endswith('.py'):
+        with open(os.path.join(root, name)) as f:
+          lengths[os.path.relpath(os.path.join(root, name), PACKAGE)] = len(f.readlines())
+  assert len(lengths) > 40 and lengths['train.py'] > 100  # It read the package.
+  assert {m: n for m, n in lengths.items() if n > MAX_MODULE_LINES} == {}
 
 
 def test_the_cycle_finder_finds_a_cycle():

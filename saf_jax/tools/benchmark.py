@@ -7,7 +7,7 @@ For every method the config is the same except ``method.name``; the step timed i
 one with the trajectory loss *active* (epochs > E_start), the expensive phase. Each
 method is compiled and warmed up first (compilation excluded), then the methods are
 interleaved over ``--rounds`` rounds of ``--steps`` steps each, so drifts of the machine
-hit all of them alike. Each timed run goes through ``train.Experiment.run_steps``, the
+hit all of them alike. Each timed run goes through ``train.run_steps``, the
 training loop itself: input pipeline, device prefetch, SAF's table gather and
 asynchronous write-back, and the step.
 
@@ -65,7 +65,7 @@ def run_benchmark(
   """
   import jax
 
-  from saf_jax import train, validation
+  from saf_jax import experiment, validation
 
   if rounds < 1 or steps < 1 or warmup_steps < 0:
     raise ValueError('--rounds and --steps must be >= 1 and --warmup_steps >= 0.')
@@ -86,7 +86,7 @@ def run_benchmark(
   batch_size = config.input.batch_size
   runs = {}
   for method, cfg in configs.items():
-    exp = train.build_experiment(cfg, datasets.info)
+    exp = experiment.create(cfg, datasets.info)
     # An epoch with the trajectory loss active. SAF's targets there are all masked (the
     # table is empty), which costs the same as valid ones: the KL runs on every row.
     epoch = max(cfg.method.saf.E_start, cfg.method.saf.E_tilde, cfg.method.mesa.E_start) + 1
@@ -139,10 +139,12 @@ def input_throughput(config, *, rounds: int, steps: int) -> list[tuple[int, floa
 
 
 def _timed(run, datasets, *, steps):
+  from saf_jax import train
+
   exp = run['exp']
   batches = datasets.train_epoch(run['epoch'], batch_size=exp.config.input.batch_size)
-  run['state'], metrics, seconds = exp.run_steps(
-    run['state'], batches, epoch=run['epoch'], table=run['table'], num_steps=steps
+  run['state'], metrics, seconds = train.run_steps(
+    exp, run['state'], batches, epoch=run['epoch'], table=run['table'], num_steps=steps
   )
   return len(metrics), seconds
 
