@@ -138,9 +138,8 @@ def loss_surface(
   Grid points are evaluated ``chunk_size`` at a time by one compiled program (``jax.vmap``
   over the points when ``chunk_size > 1``) for the whole grid; values are averaged over
   ``batches`` in float64 on the host. On a CPU keep ``chunk_size=1``: XLA:CPU turns convs
-  vmapped over their kernels into grouped convs, and the default CNN ran 6-8x slower per
-  point at ``chunk_size`` 5-25 (191 ms vs 1.1-1.6 s per point, 1024 examples, 2 cores). On
-  an accelerator a larger chunk fills the device.
+  vmapped over their kernels into grouped convs, which run several times slower per point
+  (docs/sharpness.md gives the figures). On an accelerator a larger chunk fills the device.
 
   Args:
     metrics_fn: ``fn(params, batch)`` returning a float32 scalar or a pytree of them (the

@@ -22,11 +22,7 @@ classes ``K``:
 At the default ``width=16``, ``C=1`` and ``K=10`` this is 19,226 parameters (running
 statistics not counted).
 
-Measured on a 2-core CPU (jitted SGD-momentum step, batch 128, float32, median of 30 steps):
-about 1,700 images/s at ``width=16`` on 28x28x1 (1,400 on 32x32x3), 600-750 at widths 20-32,
-so wider is ~2.5x slower on this machine. ``width=16`` reached 0.916 Fashion-MNIST test
-accuracy after 7 epochs (0.907 with random flips), with SGD momentum 0.9, peak lr 0.05,
-cosine decay, weight decay 5e-4, batch 128.
+Its speed and accuracy on a 2-core CPU at several widths are in docs/models_and_configs.md.
 """
 
 from typing import Any
