@@ -65,7 +65,7 @@ def evaluator(
     if exp.model_ema_decay > 0:
       model_ema = (state.model_ema_params, state.model_ema_batch_stats)
       evals.append(('test_model_ema', 'test', model_ema))
-    if config.eval.get('train_accuracy', False):
+    if config.eval.train_accuracy:
       evals.append(('train_eval', 'train', (state.params, state.batch_stats)))
     record = {}
     for prefix, split, (params, batch_stats) in evals:

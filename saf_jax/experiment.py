@@ -78,7 +78,7 @@ class Experiment:
   @property
   def model_ema_decay(self) -> float:
     """``config.eval.ema_decay``: the evaluation-only model EMA's decay; 0 = off."""
-    return self.config.eval.get('ema_decay', 0.0)
+    return self.config.eval.ema_decay
 
   def trajectory_active(self, epoch: int) -> bool:
     """Algorithm 1, line 10: the trajectory loss is added in epochs ``> E_start``."""
@@ -175,7 +175,7 @@ class Experiment:
       trajectory_active=active,
       batch_axis_name='data' if self.per_device else None,
       sam_step=sam_step,
-      label_smoothing=self.config.get('label_smoothing', 0.0),
+      label_smoothing=self.config.label_smoothing,
       model_ema_decay=self.model_ema_decay,
       **hparams,
     )
@@ -204,7 +204,7 @@ def _init_rng(config: ml_collections.ConfigDict) -> jax.Array:
 
 def _state_init_fn(config, model, tx, info, method) -> Callable[[jax.Array], Any]:
   """``rng -> TrainState``: the function that ``init_state`` jits and ``create`` traces."""
-  model_ema = config.eval.get('ema_decay', 0.0) > 0
+  model_ema = config.eval.ema_decay > 0
 
   def init(rng: jax.Array) -> train_state.TrainState:
     return train_state.create_train_state(
@@ -217,7 +217,7 @@ def _state_init_fn(config, model, tx, info, method) -> Callable[[jax.Array], Any
 def _create_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
   kwargs = {k: v for k, v in config.model.items() if k != 'name'}
   # Mixed precision: the computation dtype; params, opt_state, EMA and losses stay float32.
-  kwargs['dtype'] = jnp.dtype(kwargs.get('dtype', 'float32'))
+  kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
   return models.get_model(config.model.name, num_classes=num_classes, **kwargs)
 
 

@@ -32,7 +32,9 @@ def test_run_benchmark_refuses_bad_input_before_compiling():
 
 
 def test_synthetic_batches_have_the_datasets_shape_and_distinct_ids():
-  datasets = synthetic.create(ml_collections.ConfigDict({'dataset': 'cifar100'}), seed=0)
+  datasets = synthetic.create(
+    ml_collections.ConfigDict({'dataset': 'cifar100', 'image_size': -1}), seed=0
+  )
   assert (datasets.info.num_train, datasets.info.num_classes) == (50000, 100)
   batches = list(itertools.islice(datasets.train_epoch(3, batch_size=64), 4))
   assert all(
@@ -42,4 +44,4 @@ def test_synthetic_batches_have_the_datasets_shape_and_distinct_ids():
   assert len(np.unique(ids)) == 256 and ids.min() >= 0 and ids.max() < 50000
   assert all(b['label'].max() < 100 for b in batches)
   with pytest.raises(ValueError, match=r"--synthetic knows config.input.dataset in \['cifar10'"):
-    synthetic.create(ml_collections.ConfigDict({'dataset': 'svhn'}), seed=0)
+    synthetic.create(ml_collections.ConfigDict({'dataset': 'svhn', 'image_size': -1}), seed=0)

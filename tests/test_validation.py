@@ -47,6 +47,33 @@ def test_saf_config_errors(field, value, match):
     validation.validate_config(config, num_devices=1)
 
 
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('augment', 'autoaugment'),
+    ('dataset', 'svhn_cropped'),
+    ('num_train_examples', 0),
+    ('crop_padding', -1),
+  ],
+)
+def test_bad_input_values_name_the_field(field, value):
+  """Checked here, before any data is loaded; saf_jax.data takes a validated config."""
+  config = default.get_config()
+  config.input[field] = value
+  with pytest.raises(ValueError, match=f'config.input.{field} must be '):
+    validation.validate_config(config, num_devices=1)
+
+
+def test_a_missing_field_is_named_not_defaulted():
+  """No hidden default: a config.json of an earlier version is upgraded before it is read."""
+  config = default.get_config().to_dict()
+  del config['input']['shuffle_buffer']
+  with pytest.raises(
+    ValueError, match=r'config.input.shuffle_buffer must be an integer >= 1 \(examples\), got <m'
+  ):
+    validation.validate_config(ml_collections.ConfigDict(config), num_devices=1)
+
+
 @pytest.mark.parametrize('beta', [0.0, 1.0, 1.5, -0.2])
 def test_mesa_ema_decay_outside_open_unit_interval(beta):
   config = default.get_config('method=mesa')
@@ -243,7 +270,11 @@ def test_train_accuracy_is_refused_for_streamed_imagenet():
   config.input.dataset = 'imagenet2012'
   config.input.augment = 'inception_crop'
   config.eval.train_accuracy = True
-  with pytest.raises(ValueError, match='train_accuracy=True needs a dataset held in memory'):
+  with pytest.raises(
+    ValueError,
+    match=r"config.eval.train_accuracy must be False for the streamed dataset 'imagenet2012' "
+    r'\(True needs a dataset held in memory\), got True',
+  ):
     validation.validate_config(config, num_devices=1)
 
 

@@ -113,7 +113,8 @@ def create_datasets(
     interface, with ``info`` describing what is served.
 
   Raises:
-    ValueError: if a field of ``input_config`` has an unsupported value.
+    ValueError: if the data cannot serve ``input_config`` (e.g. more examples asked for than
+      a split has); the fields' values are checked by ``validation.validate_config``.
     DataNotFoundError: if the dataset is not prepared in ``data_dir`` and cannot be
       provided from local files or downloaded.
   """

@@ -317,11 +317,12 @@ def create(
   Args:
     input_config: ``config.input`` with fields ``dataset`` (a TFDS name of
       ``IN_MEMORY_DATASETS``, or ``'folder:PATH'``), ``data_dir`` (str, or None for the
-      TFDS default),
+      TFDS default), ``image_size`` (folders only: pixels square, -1 to keep the images),
       ``num_train_examples`` / ``num_test_examples`` (int; -1 for the whole split, else
       the first N examples in TFDS order; for a folder, a class-balanced subset of N),
       ``augment`` (one of ``AUGMENTATIONS``) and ``crop_padding`` (int, pixels per side,
-      used by ``'crop_flip'``).
+      used by ``'crop_flip'``). These values are checked by
+      :func:`saf_jax.validation.validate_config`, not here.
     seed: seed of the train order and augmentation.
     fashion_mnist_idx_dir: folder with Fashion-MNIST's gzipped IDX files, used to write the
       TFDS dataset when it is missing.
@@ -330,35 +331,17 @@ def create(
     The :class:`InMemoryDatasets`, with ``info`` describing what is served.
 
   Raises:
-    ValueError: if a field of ``input_config`` has an unsupported value.
+    ValueError: if a split has fewer examples than ``num_*_examples`` asks for, or a
+      folder's images cannot be read or differ in size (see ``folder.load``).
     DataNotFoundError: if the dataset is not prepared in ``data_dir`` and cannot be
       provided from local files or downloaded.
   """
   name = input_config.dataset
-  if name not in base.CHANNEL_STATS and not name.startswith(base.FOLDER_PREFIX):
-    raise ValueError(
-      f'config.input.dataset={name!r} is not supported; use one of {list(base.DATASETS)} '
-      f"or '{base.FOLDER_PREFIX}/path/to/images'."
-    )
-  if input_config.augment not in base.AUGMENTATIONS:
-    raise ValueError(
-      f'config.input.augment={input_config.augment!r} is not supported; use one of '
-      f'{list(base.AUGMENTATIONS)}.'
-    )
-  if input_config.crop_padding < 0:
-    raise ValueError(
-      f'config.input.crop_padding must be >= 0 pixels, got {input_config.crop_padding}.'
-    )
-  for field in ('num_train_examples', 'num_test_examples'):
-    value = input_config[field]
-    if value != -1 and value < 1:
-      raise ValueError(f'config.input.{field} must be -1 (all) or positive, got {value}.')
-
   if name.startswith(base.FOLDER_PREFIX):
     root = name[len(base.FOLDER_PREFIX) :]
     train, test, classes = folder.load(
       root,
-      image_size=input_config.get('image_size', -1),
+      image_size=input_config.image_size,
       num_train_examples=input_config.num_train_examples,
       num_test_examples=input_config.num_test_examples,
       cache_dir=os.path.join(input_config.data_dir or tfds_prep.tfds_data_dir(), folder.CACHE_DIR),

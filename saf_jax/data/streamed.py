@@ -86,7 +86,6 @@ SPECS = {
   'imagenet2012': _Spec('train', 'validation', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 DEFAULT_IMAGE_SIZE = 224  # Pixels, used when config.input.image_size is -1.
-DEFAULT_SHUFFLE_BUFFER = 16_384  # Examples per shuffle window, about 1.8 GB of ImageNet JPEGs.
 
 
 class StreamedDatasets:
@@ -362,10 +361,10 @@ def create(
       f'config.input.augment={input_config.augment!r} is not supported for {name}; use one '
       f'of {list(base.STREAMED_AUGMENTATIONS)}.'
     )
-  image_size = input_config.get('image_size', -1)
+  image_size = input_config.image_size
   if image_size == -1:
     image_size = DEFAULT_IMAGE_SIZE
-  shuffle_buffer = input_config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER)
+  shuffle_buffer = input_config.shuffle_buffer
   spec = SPECS[name]
   builder = tfds_prep.ready_builder(
     name, data_dir=input_config.data_dir, process_count=process_count

@@ -59,4 +59,4 @@ def create(input_config, *, seed: int) -> SyntheticDatasets:
     raise ValueError(
       f'--synthetic knows config.input.dataset in {sorted(SHAPES)}, got {input_config.dataset!r}.'
     )
-  return SyntheticDatasets(input_config.dataset, seed, input_config.get('image_size', -1))
+  return SyntheticDatasets(input_config.dataset, seed, input_config.image_size)
