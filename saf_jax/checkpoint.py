@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from saf_jax import train_state
+from saf_jax import config_upgrade, train_state
 
 # Fields that may differ between a run and its resumption (they do not change training).
 _RESUME_FREE = (
@@ -105,19 +105,8 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
   return flat
 
 
-# Training fields added after the first release, with the value that older runs had.
-_ADDED_FIELDS = {
-  'method.saf.table_topk': 0,
-  'model.dtype': 'float32',
-  'label_smoothing': 0.0,
-  'input.image_size': -1,
-  'input.shuffle_buffer': 16_384,
-  'eval.ema_decay': 0.0,  # The model EMA is part of the checkpointed state.
-}
-
-
 def _trajectory_fields(config_dict: dict) -> dict[str, Any]:
-  flat = {**_ADDED_FIELDS, **_flatten(config_dict)}
+  flat = _flatten(config_upgrade.upgrade_config(config_dict))
   return {
     k: v for k, v in flat.items() if not any(k == f or k.startswith(f + '.') for f in _RESUME_FREE)
   }
@@ -133,6 +122,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   Args:
     config: the new run's config.
     workdir: the directory the run will write to (may not exist yet).
+
+  A ``config.json`` of an earlier version is upgraded first
+  (``config_upgrade.upgrade_config``): a field it lacks has the value its run used.
 
   Raises:
     ValueError: if ``workdir/config.json`` exists and differs from ``config`` in a field

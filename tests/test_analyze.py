@@ -1,4 +1,4 @@
-"""saf_jax.tools.analyze on trained smoke runs (real Fashion-MNIST): library, CLI, TensorBoard."""
+"""saf_jax.analysis.runs and its CLI (tools.analyze) on smoke runs of real Fashion-MNIST."""
 
 import dataclasses
 import json
@@ -18,9 +18,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
 from saf_jax import checkpoint, metrics
-from saf_jax.analysis import landscape, sharpness
-from saf_jax.tools import analyze
-from tests import conftest
+from saf_jax.analysis import landscape, runs, sharpness
+from tests import conftest, test_config_upgrade
 from tests.test_main import _main, _records
 
 # configs/default.py:smoke: 4 epochs of 512 examples in batches of 64 (8 steps), and the
@@ -39,30 +38,30 @@ def workdirs(fashion_mnist_data_dir, tmp_path_factory):
   Tests that write analysis outputs into a workdir other than ``analysis/`` of the MESA run
   work on copies (:func:`_copy`).
   """
-  runs = {}
+  workdirs = {}
   for method in ('mesa', 'sgd'):
     workdir = str(tmp_path_factory.mktemp(f'analyze_{method}'))
     _main(workdir, f'method={method},smoke', fashion_mnist_data_dir)
-    runs[method] = workdir
-  return runs
+    workdirs[method] = workdir
+  return workdirs
 
 
 @pytest.fixture(scope='module')
 def mesa_run(workdirs):
-  return analyze.load_run(workdirs['mesa'])
+  return runs.load_run(workdirs['mesa'])
 
 
 @pytest.fixture(scope='module')
 def mesa_sharpness(mesa_run):
   """``run_sharpness`` of the MESA run's latest checkpoint, and its sharpness.json."""
-  record = analyze.run_sharpness(mesa_run)
+  record = runs.run_sharpness(mesa_run)
   with open(os.path.join(mesa_run.workdir, 'analysis', 'sharpness.json')) as f:
     return record, json.load(f)
 
 
 def _copy(workdir, dst):
   """A copy of a trained workdir without its analysis outputs."""
-  shutil.copytree(workdir, dst, ignore=shutil.ignore_patterns(analyze.ANALYSIS_DIR))
+  shutil.copytree(workdir, dst, ignore=shutil.ignore_patterns(runs.ANALYSIS_DIR))
   return str(dst)
 
 
@@ -132,9 +131,9 @@ def test_offline_sharpness_equals_the_training_measurement(workdirs, mesa_run, m
 
 def test_earlier_checkpoint_matches_its_epoch(workdirs, tmp_path):
   workdir = _copy(workdirs['mesa'], tmp_path / 'mesa')
-  run = analyze.load_run(workdir, epoch=3)
+  run = runs.load_run(workdir, epoch=3)
   assert (run.epoch, run.step) == (3, 3 * STEPS_PER_EPOCH)
-  record = analyze.run_sharpness(run)
+  record = runs.run_sharpness(run)
   by_epoch = {r['epoch']: r for r in _records(workdir)}
   np.testing.assert_allclose(record['sam_sharpness'], by_epoch[3]['train/sam_sharpness'], atol=1e-6)
   assert abs(record['sam_sharpness'] - by_epoch[4]['train/sam_sharpness']) > 1e-4
@@ -142,11 +141,11 @@ def test_earlier_checkpoint_matches_its_epoch(workdirs, tmp_path):
 
 def test_landscape_centre_is_the_sharpness_subset_loss(mesa_run, mesa_sharpness):
   _, stored_sharpness = mesa_sharpness
-  surface = analyze.run_landscape(
+  surface = runs.run_landscape(
     mesa_run, grid=3, num_examples=SHARPNESS_BATCHES * BATCH_SIZE, batch_size=BATCH_SIZE
   )
   out = os.path.join(mesa_run.workdir, 'analysis')
-  loaded = analyze.load_landscape(os.path.join(out, 'landscape.npz'))
+  loaded = runs.load_landscape(os.path.join(out, 'landscape.npz'))
   assert sorted(loaded) == ['accuracy', 'cosine', 'loss', 'meta', 'xs', 'ys']
   np.testing.assert_array_equal(loaded['xs'], [-1.0, 0.0, 1.0])
   np.testing.assert_array_equal(loaded['ys'], [-1.0, 0.0, 1.0])
@@ -186,7 +185,7 @@ def test_landscape_centre_is_the_sharpness_subset_loss(mesa_run, mesa_sharpness)
 
 def test_hessian_top_eigenvalues_agree_with_power_iteration(mesa_run):
   num_examples = 2 * BATCH_SIZE
-  record = analyze.run_hessian(mesa_run, num_examples=num_examples, batch_size=BATCH_SIZE, k=2)
+  record = runs.run_hessian(mesa_run, num_examples=num_examples, batch_size=BATCH_SIZE, k=2)
   with open(os.path.join(mesa_run.workdir, 'analysis', 'hessian.json')) as f:
     assert json.load(f) == record
   eigenvalues, residuals = np.array(record['eigenvalues']), np.array(record['residuals'])
@@ -222,7 +221,7 @@ def test_hessian_top_eigenvalues_agree_with_power_iteration(mesa_run):
 
 def test_ema_weights_are_measured_into_separate_files(mesa_run, mesa_sharpness):
   params_record, _ = mesa_sharpness
-  record = analyze.run_sharpness(mesa_run, weights='ema')
+  record = runs.run_sharpness(mesa_run, weights='ema')
   path = os.path.join(mesa_run.workdir, 'analysis', 'sharpness_ema.json')
   with open(path) as f:
     assert json.load(f) == record
@@ -246,9 +245,9 @@ def test_ema_weights_are_measured_into_separate_files(mesa_run, mesa_sharpness):
 def test_ema_weights_of_a_run_without_them_are_refused(workdirs):
   workdir = workdirs['sgd']
   before = _listing(workdir)
-  run = analyze.load_run(workdir)
+  run = runs.load_run(workdir)
   with pytest.raises(ValueError, match=r"weights='ema' needs MESA's EMA weights.*trained 'sgd'"):
-    analyze.run_sharpness(run, weights='ema')
+    runs.run_sharpness(run, weights='ema')
   with pytest.raises(
     ValueError, match=r"weights must be one of \['params', 'ema'\], got 'teacher'"
   ):
@@ -280,7 +279,7 @@ def test_cli_end_to_end_two_workdirs(workdirs, fashion_mnist_data_dir, tmp_path)
       sharp = json.load(f)
     with open(os.path.join(out, 'hessian.json')) as f:
       hessian = json.load(f)
-    surface = analyze.load_landscape(os.path.join(out, 'landscape.npz'))
+    surface = runs.load_landscape(os.path.join(out, 'landscape.npz'))
     # The sharpness uses the training loop's batches, whatever --num_examples says.
     last = _records(workdir)[-1]
     np.testing.assert_allclose(sharp['sam_sharpness'], last['train/sam_sharpness'], atol=1e-6)
@@ -318,15 +317,31 @@ def test_workdir_without_checkpoint_is_refused(workdirs, tmp_path):
   shutil.copy(os.path.join(workdirs['mesa'], 'config.json'), tmp_path)
   before = _listing(tmp_path)
   with pytest.raises(ValueError, match='has no checkpoint in checkpoints/: train it first'):
-    analyze.load_run(str(tmp_path))
+    runs.load_run(str(tmp_path))
   assert _listing(tmp_path) == before
+
+
+def test_a_run_of_an_earlier_version_loads_with_the_old_values(workdirs, tmp_path):
+  """A config.json without any field added since the first version: the same checkpoint."""
+  workdir = _copy(workdirs['mesa'], tmp_path / 'mesa')
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  for field, _, _ in test_config_upgrade.OLD_VALUES:
+    test_config_upgrade.delete_field(config, field)
+  with open(path, 'w') as f:
+    json.dump(config, f)
+  run = runs.load_run(workdir)
+  assert (run.epoch, run.step) == (SMOKE_EPOCHS, SMOKE_EPOCHS * STEPS_PER_EPOCH)
+  for field, old_value, _ in test_config_upgrade.OLD_VALUES:
+    assert test_config_upgrade.get_field(run.config, field) == old_value, field
 
 
 def test_directory_without_config_is_refused(tmp_path):
   with pytest.raises(ValueError, match='has no config.json: not a saf_jax workdir'):
-    analyze.load_run(str(tmp_path))
+    runs.load_run(str(tmp_path))
   with pytest.raises(ValueError, match='has no config.json'):
-    analyze.write_curves([str(tmp_path)], str(tmp_path / 'curves.png'))
+    runs.write_curves([str(tmp_path)], str(tmp_path / 'curves.png'))
   assert os.listdir(tmp_path) == []
 
 
@@ -344,13 +359,13 @@ def test_checkpoint_of_another_model_is_refused(workdirs, tmp_path):
     ValueError,
     match=r"The checkpoint of epoch 4 in .* does not match its config.json .*'width': 16",
   ):
-    analyze.load_run(workdir)
+    runs.load_run(workdir)
   assert _listing(workdir) == before
 
 
 def test_missing_epoch_lists_the_saved_ones(workdirs):
   with pytest.raises(ValueError, match=r'No checkpoint of epoch 99 .*; saved epochs: \[3, 4\]'):
-    analyze.load_run(workdirs['mesa'], epoch=99)
+    runs.load_run(workdirs['mesa'], epoch=99)
 
 
 @pytest.mark.parametrize(
@@ -365,7 +380,7 @@ def test_missing_epoch_lists_the_saved_ones(workdirs):
 def test_bad_landscape_arguments_write_nothing(mesa_run, tmp_path, kwargs, match):
   run = dataclasses.replace(mesa_run, workdir=str(tmp_path))  # Outputs would go here.
   with pytest.raises(ValueError, match=match):
-    analyze.run_landscape(run, **{'grid': 3, **kwargs})
+    runs.run_landscape(run, **{'grid': 3, **kwargs})
   assert os.listdir(tmp_path) == []
 
 
@@ -548,4 +563,4 @@ def test_workdir_with_only_mid_epoch_checkpoints_says_so(tmp_path):
   with pytest.raises(
     ValueError, match=r'checkpoints only from the middle of an epoch \(steps \[3\]'
   ):
-    analyze.check_workdir(str(tmp_path))
+    runs.check_loadable(str(tmp_path))

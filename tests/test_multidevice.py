@@ -14,7 +14,7 @@ and the gradient of 8 examples differs from the batch's by more than its own nor
 
 Checked, per method: every metric of every epoch in ``metrics.jsonl`` (train/loss,
 train/ce_loss, train/trajectory_loss, train/accuracy, train/l2_*, test/*, MESA's test_ema/*;
-timings excepted) and, restored with ``saf_jax.tools.analyze.load_run``, the final ``params``,
+timings excepted) and, restored with ``saf_jax.analysis.runs.load_run``, the final ``params``,
 ``batch_stats`` and optimizer state (MESA: also ``ema_params``, ``ema_batch_stats``). Also
 that the runs used the devices they were asked for, that the trajectory loss was active and
 positive (so the comparison covers it), that SAF's table is complete on 8 devices as on 1
@@ -51,7 +51,7 @@ import jax
 import numpy as np
 import pytest
 
-from saf_jax.tools import analyze
+from saf_jax.analysis import runs as analysis_runs
 from tests import test_main
 
 NUM_DEVICES = 8
@@ -123,7 +123,7 @@ def states(runs, fashion_mnist_data_dir):
 
   def get(key):
     if key not in cache:
-      run = analyze.load_run(runs[key]['workdir'], data_dir=fashion_mnist_data_dir)
+      run = analysis_runs.load_run(runs[key]['workdir'], data_dir=fashion_mnist_data_dir)
       assert run.epoch == NUM_EPOCHS
       cache[key] = jax.device_get(run.state)
     return cache[key]

@@ -20,8 +20,8 @@ import pytest
 
 from configs import default
 from saf_jax import data, experiment, logit_table, train
+from saf_jax.analysis import runs
 from saf_jax.data import partition
-from saf_jax.tools import analyze
 from tests import conftest
 from tests.test_main import _main, _records
 
@@ -137,7 +137,7 @@ def test_matches_a_single_process_replay_of_the_same_global_batches(
   records = _records(workdir)
   # One device here, one per process there: only the float summation order differs.
   np.testing.assert_allclose([r['train/loss'] for r in records], losses, rtol=1e-4)
-  restored = analyze.load_run(workdir).state
+  restored = runs.load_run(workdir).state
   for got, want in zip(
     jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True
   ):

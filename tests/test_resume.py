@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from saf_jax import checkpoint
-from saf_jax.tools import analyze
+from saf_jax.analysis import runs
 from tests import conftest
 from tests.test_main import _main, _records
 
@@ -77,7 +77,7 @@ def _strip_times(records):
 
 
 def _assert_same_state(workdir, reference):
-  got, want = analyze.load_run(workdir).state, analyze.load_run(reference).state
+  got, want = runs.load_run(workdir).state, runs.load_run(reference).state
   leaves_got, tree_got = jax.tree.flatten(got)
   leaves_want, tree_want = jax.tree.flatten(want)
   assert tree_got == tree_want
@@ -88,12 +88,12 @@ def _assert_same_state(workdir, reference):
 @pytest.fixture(scope='module')
 def reference_runs(fashion_mnist_data_dir, tmp_path_factory):
   """Uninterrupted runs: {method: workdir}."""
-  runs = {}
+  workdirs = {}
   for method in ('saf', 'mesa'):
     workdir = str(tmp_path_factory.mktemp(f'reference_{method}'))
     _main(workdir, f'method={method},smoke', fashion_mnist_data_dir, *RUN)
-    runs[method] = workdir
-  return runs
+    workdirs[method] = workdir
+  return workdirs
 
 
 def test_sigkill_mid_epoch_then_restart_is_bit_exact(

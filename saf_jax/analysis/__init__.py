@@ -4,4 +4,6 @@
   (Hutchinson).
 - ``landscape``: filter-normalised directions and loss surfaces (Li et al., 2018).
 - ``plots``: per-epoch curves, landscapes and comparison figures (matplotlib).
+- ``runs``: a trained workdir's checkpoint loaded (``load_run``, config upgraded), and the
+  analyze tool's measurements of it (sharpness, Hessian, landscape, curves).
 """
