@@ -116,35 +116,16 @@ def make_train_step(
 
   def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
     full = {'image': batch['image'], 'label': batch['label']}
-    if trajectory == 'mesa' and use_trajectory:
-      # Eq. 13: the EMA teacher, eval mode, its own EMA batch stats, no gradient.
-      full['target_logits'] = jax.lax.stop_gradient(
-        _apply_eval(model, state.ema_params, state.ema_batch_stats, batch['image'])
-      )
-    elif trajectory == 'saf' and use_trajectory:
-      # Algorithm 1, line 5: the logits of E_tilde epochs ago, masked where not recorded.
-      full['target_logits'] = batch['target_logits']
-      full['target_mask'] = batch['target_mask']
-
-    def objective(params, sub):
-      logits, new_batch_stats = _apply_train(model, params, state.batch_stats, sub['image'])
-      per_example = losses.per_example_cross_entropy(
-        logits, sub['label'], label_smoothing=label_smoothing
-      )
-      ce = jnp.mean(per_example)
-      traj = jnp.zeros([], jnp.float32)
-      loss = ce  # Algorithm 1, line 13.
-      if use_trajectory:
-        mask = sub.get('target_mask')
-        traj = losses.trajectory_loss(logits, sub['target_logits'], temperature=tau, mask=mask)
-        loss = ce + lam * traj  # Algorithm 1, line 11.
-        if perturbation == 'esam':  # SDS ranks examples by their share of the objective.
-          kl = losses.per_example_kl(logits, sub['target_logits'], temperature=tau)
-          if mask is not None:  # Each example's share of the masked mean: mean(...) == loss.
-            kl = kl * mask * mask.shape[0] / jnp.maximum(jnp.sum(mask), 1.0)
-          per_example = per_example + lam * tau**2 * kl
-      return loss, (logits, new_batch_stats, ce, traj, per_example)
-
+    if use_trajectory:
+      full.update(_trajectory_targets(model, state, batch, trajectory))
+    objective = _objective_fn(
+      model,
+      state.batch_stats,
+      lam=lam if use_trajectory else None,
+      tau=tau,
+      label_smoothing=label_smoothing,
+      per_example_kl=perturbation == 'esam',
+    )
     params = state.params
     if batch_axis_name is not None:
       # Inside shard_map the gradient w.r.t. a replicated input is summed over devices;
@@ -154,18 +135,7 @@ def make_train_step(
     (loss, (logits, new_batch_stats, ce, traj, per_example)), grads = grad_fn(params, full)
     extra_args = {}
     if perturbation is not None:
-
-      def perturbed_grad_fn(params, indices=None):
-        # Perturbed passes write no batch_stats: the aux output is dropped.
-        sub = full if indices is None else jax.tree.map(lambda x: x[indices], full)
-        return jax.grad(lambda p: objective(p, sub)[0])(params)
-
-      extra_args['grad_fn'] = perturbed_grad_fn
-      if perturbation == 'looksam' and sam_step is not None:
-        extra_args['sam_step'] = sam_step
-      if perturbation == 'esam':
-        extra_args['per_example_loss_fn'] = lambda p: objective(p, full)[1][4]
-        extra_args['per_example_losses'] = per_example
+      extra_args = _perturbation_args(perturbation, objective, full, per_example, sam_step)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     new_params = optax.apply_updates(state.params, updates)
     new_batch_stats = pmean(new_batch_stats)
@@ -175,23 +145,12 @@ def make_train_step(
       batch_stats=new_batch_stats,
       opt_state=new_opt_state,
     )
-    if trajectory == 'mesa':
-      # Eq. 10 after every step, also before E_start, so the teacher is ready then.
-      new_state = new_state.replace(
-        ema_params=transforms.ema_update(state.ema_params, new_params, ema_decay=ema_decay),
-        ema_batch_stats=transforms.ema_update(
-          state.ema_batch_stats, new_batch_stats, ema_decay=ema_decay
-        ),
-      )
-    if model_ema_decay > 0:
-      new_state = new_state.replace(
-        model_ema_params=transforms.ema_update(
-          state.model_ema_params, new_params, ema_decay=model_ema_decay
-        ),
-        model_ema_batch_stats=transforms.ema_update(
-          state.model_ema_batch_stats, new_batch_stats, ema_decay=model_ema_decay
-        ),
-      )
+    new_state = _with_emas(
+      state,
+      new_state,
+      ema_decay=ema_decay if trajectory == 'mesa' else None,
+      model_ema_decay=model_ema_decay,
+    )
     metrics = {
       'loss': loss,
       'ce_loss': ce,
@@ -209,6 +168,86 @@ def make_train_step(
     return new_state, metrics, out_logits
 
   return train_step
+
+
+def _trajectory_targets(model, state, batch, trajectory: str) -> dict[str, jax.Array]:
+  """The trajectory loss's targets ``t`` for the batch (SAF: with their mask)."""
+  if trajectory == 'mesa':
+    # Eq. 13: the EMA teacher, eval mode, its own EMA batch stats, no gradient.
+    teacher = _apply_eval(model, state.ema_params, state.ema_batch_stats, batch['image'])
+    return {'target_logits': jax.lax.stop_gradient(teacher)}
+  # Algorithm 1, line 5: the logits of E_tilde epochs ago, masked where not recorded.
+  return {'target_logits': batch['target_logits'], 'target_mask': batch['target_mask']}
+
+
+def _objective_fn(model, batch_stats, *, lam, tau, label_smoothing, per_example_kl) -> Callable:
+  """``objective(params, batch) -> (loss, (logits, batch_stats, ce, traj, per_example))``.
+
+  The step's objective: the cross-entropy (Algorithm 1, line 13) plus, when ``lam`` is not
+  None, ``lam`` times the trajectory loss against ``batch['target_logits']`` (line 11).
+  ``per_example`` is each example's cross-entropy, plus its share of the trajectory term
+  when ``per_example_kl`` (ESAM's SDS ranks examples by their share of the objective).
+  """
+
+  def objective(params, sub):
+    logits, new_batch_stats = _apply_train(model, params, batch_stats, sub['image'])
+    per_example = losses.per_example_cross_entropy(
+      logits, sub['label'], label_smoothing=label_smoothing
+    )
+    ce = jnp.mean(per_example)
+    traj = jnp.zeros([], jnp.float32)
+    loss = ce  # Algorithm 1, line 13.
+    if lam is not None:
+      mask = sub.get('target_mask')
+      traj = losses.trajectory_loss(logits, sub['target_logits'], temperature=tau, mask=mask)
+      loss = ce + lam * traj  # Algorithm 1, line 11.
+      if per_example_kl:
+        kl = losses.per_example_kl(logits, sub['target_logits'], temperature=tau)
+        if mask is not None:  # Each example's share of the masked mean: mean(...) == loss.
+          kl = kl * mask * mask.shape[0] / jnp.maximum(jnp.sum(mask), 1.0)
+        per_example = per_example + lam * tau**2 * kl
+    return loss, (logits, new_batch_stats, ce, traj, per_example)
+
+  return objective
+
+
+def _perturbation_args(perturbation, objective, full, per_example, sam_step) -> dict[str, Any]:
+  """The extra arguments of a SAM-family transform's ``update``: ``grad_fn`` and its kin."""
+
+  def perturbed_grad_fn(params, indices=None):
+    # Perturbed passes write no batch_stats: the aux output is dropped.
+    sub = full if indices is None else jax.tree.map(lambda x: x[indices], full)
+    return jax.grad(lambda p: objective(p, sub)[0])(params)
+
+  extra_args = {'grad_fn': perturbed_grad_fn}
+  if perturbation == 'looksam' and sam_step is not None:
+    extra_args['sam_step'] = sam_step
+  if perturbation == 'esam':
+    extra_args['per_example_loss_fn'] = lambda p: objective(p, full)[1][4]
+    extra_args['per_example_losses'] = per_example
+  return extra_args
+
+
+def _with_emas(state, new_state, *, ema_decay: float | None, model_ema_decay: float):
+  """``new_state`` with MESA's EMA (``ema_decay`` not None) and the model EMA (> 0) updated."""
+  if ema_decay is not None:
+    # Eq. 10 after every step, also before E_start, so the teacher is ready then.
+    new_state = new_state.replace(
+      ema_params=transforms.ema_update(state.ema_params, new_state.params, ema_decay=ema_decay),
+      ema_batch_stats=transforms.ema_update(
+        state.ema_batch_stats, new_state.batch_stats, ema_decay=ema_decay
+      ),
+    )
+  if model_ema_decay > 0:
+    new_state = new_state.replace(
+      model_ema_params=transforms.ema_update(
+        state.model_ema_params, new_state.params, ema_decay=model_ema_decay
+      ),
+      model_ema_batch_stats=transforms.ema_update(
+        state.model_ema_batch_stats, new_state.batch_stats, ema_decay=model_ema_decay
+      ),
+    )
+  return new_state
 
 
 def eval_step(
