@@ -13,12 +13,21 @@ version is upgraded (``saf_jax.config_upgrade``) before it is validated: no fiel
 default here, and a missing one fails as ``got <missing>``.
 """
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import ml_collections
 
 from saf_jax import data, methods, models, transforms
+from saf_jax.config_rules import (
+  MISSING,
+  Rule,
+  check,
+  int_at_least,
+  is_int,
+  is_number,
+  lookup,
+  one_of,
+)
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
@@ -28,18 +37,8 @@ PARAM_SHARDINGS = ('replicated',)
 MODEL_DTYPES = ('float32', 'bfloat16')
 
 
-class _Missing:
-  """The value of a field the config does not have."""
-
-  def __repr__(self) -> str:
-    return '<missing>'
-
-
-_MISSING = _Missing()
-
-
 class _Devices(NamedTuple):
-  """What the cross-field rules check the config against.
+  """What the cross-field rules check the config against (the rules' context).
 
   Attributes:
     num_devices: devices of all processes.
@@ -52,81 +51,27 @@ class _Devices(NamedTuple):
   batch_devices: int
 
 
-class Rule(NamedTuple):
-  """The rule of one config field.
-
-  Attributes:
-    field: the dotted path of the field under ``config``, e.g. ``'method.saf.tau'``.
-    check: ``check(value)``, True for an allowed value; for a cross-field rule,
-      ``check(value, config, devices)``.
-    allowed: the allowed values, as the error message states them; for a cross-field
-      rule, ``allowed(config, devices)``.
-    cross_field: whether ``check`` and ``allowed`` also take the config and the devices.
-  """
-
-  field: str
-  check: Callable[..., bool]
-  allowed: str | Callable[..., str]
-  cross_field: bool = False
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-  return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _int_at_least(minimum: int) -> Callable[[Any], bool]:
-  return lambda x: _is_int(x) and x >= minimum
-
-
-def _one_of(values: Sequence[Any]) -> Callable[[Any], bool]:
-  return lambda x: x in values
-
-
 def _positive(field: str) -> Rule:
-  return Rule(field, lambda x: _is_number(x) and x > 0, 'a number > 0')
+  return Rule(field, lambda x: is_number(x) and x > 0, 'a number > 0')
 
 
 def _nonnegative(field: str) -> Rule:
-  return Rule(field, lambda x: _is_number(x) and x >= 0, 'a number >= 0')
+  return Rule(field, lambda x: is_number(x) and x >= 0, 'a number >= 0')
 
 
 def _in_unit_interval(field: str) -> Rule:
   """``field`` in (0, 1]: a fraction of the parameters or of the batch."""
-  return Rule(field, lambda x: _is_number(x) and 0 < x <= 1, 'in (0, 1]')
+  return Rule(field, lambda x: is_number(x) and 0 < x <= 1, 'in (0, 1]')
 
 
 def _below_one(field: str, allowed: str = 'in [0, 1)') -> Rule:
-  return Rule(field, lambda x: _is_number(x) and 0 <= x < 1, allowed)
-
-
-def _lookup(config: ml_collections.ConfigDict, field: str) -> Any:
-  value = config
-  for key in field.split('.'):
-    if not isinstance(value, ml_collections.ConfigDict) or key not in value:
-      return _MISSING
-    value = value[key]
-  return value
-
-
-def _sharpness_batches_fit(num_batches, config, devices) -> bool:
-  """Whether the training loop's sharpness batches fit the configured training set."""
-  del devices
-  num_train = _lookup(config, 'input.num_train_examples')
-  batch_size = _lookup(config, 'input.batch_size')
-  measured = config.analysis.sharpness_every_epochs > 0
-  if not (measured and _is_int(num_train) and num_train > 0 and _is_int(batch_size)):
-    return True  # Without a count in the config, training checks it once the data is loaded.
-  return batch_size < 1 or num_batches * batch_size <= num_train
+  return Rule(field, lambda x: is_number(x) and 0 <= x < 1, allowed)
 
 
 def _batch_rules(field: str) -> tuple[Rule, ...]:
   """A global batch size: split evenly over the devices and over the processes."""
   return (
-    Rule(field, _int_at_least(1), 'an integer >= 1'),
+    Rule(field, int_at_least(1), 'an integer >= 1'),
     Rule(
       field,
       lambda x, config, devices: x % devices.batch_devices == 0,
@@ -142,14 +87,9 @@ def _batch_rules(field: str) -> tuple[Rule, ...]:
   )
 
 
-def _dataset_is_known(dataset) -> bool:
-  return dataset in data.DATASETS or (
-    isinstance(dataset, str) and dataset.startswith(data.FOLDER_PREFIX)
-  )
-
-
-# The rules of every config, in the order they are checked. The mesh comes first (the batch
-# rules divide by its devices), the number of epochs before the warm-up's.
+# The rules of every config, in the order they are checked with data.INPUT_RULES between
+# _RULES and _RULES_AFTER_INPUT. The mesh comes first (the batch rules divide by its
+# devices), the number of epochs before the warm-up's.
 _RULES = (
   Rule(
     'mesh.data',
@@ -161,21 +101,21 @@ _RULES = (
   ),
   Rule(
     'mesh.data',
-    lambda x, config, devices: _is_int(x) and (x == -1 or 1 <= x <= devices.num_devices),
+    lambda x, config, devices: is_int(x) and (x == -1 or 1 <= x <= devices.num_devices),
     lambda config, devices: f'-1 or an integer in [1, {devices.num_devices}]',
     cross_field=True,
   ),
-  Rule('mesh.param_sharding', _one_of(PARAM_SHARDINGS), f'one of {list(PARAM_SHARDINGS)}'),
-  Rule('method.name', _one_of(methods.NAMES), f'one of {list(methods.NAMES)}'),
-  Rule('eval.every_epochs', _int_at_least(1), 'an integer >= 1'),
-  Rule('checkpoint.every_epochs', _int_at_least(1), 'an integer >= 1'),
-  Rule('checkpoint.max_to_keep', _int_at_least(1), 'an integer >= 1'),
+  Rule('mesh.param_sharding', one_of(PARAM_SHARDINGS), f'one of {list(PARAM_SHARDINGS)}'),
+  Rule('method.name', one_of(methods.NAMES), f'one of {list(methods.NAMES)}'),
+  Rule('eval.every_epochs', int_at_least(1), 'an integer >= 1'),
+  Rule('checkpoint.every_epochs', int_at_least(1), 'an integer >= 1'),
+  Rule('checkpoint.max_to_keep', int_at_least(1), 'an integer >= 1'),
   _below_one('eval.ema_decay', 'a number in [0, 1) (0 = no model EMA)'),
   Rule('eval.train_accuracy', lambda x: isinstance(x, bool), 'True or False'),
   Rule(
     'eval.train_accuracy',
     lambda x, config, devices: (
-      not x or _lookup(config, 'input.dataset') not in data.STREAMED_DATASETS
+      not x or lookup(config, 'input.dataset') not in data.STREAMED_DATASETS
     ),
     lambda config, devices: (
       f'False for the streamed dataset {config.input.dataset!r} (True needs a dataset held '
@@ -183,35 +123,30 @@ _RULES = (
     ),
     cross_field=True,
   ),
-  Rule('checkpoint.every_steps', _int_at_least(0), 'an integer >= 0 (0 = only at epoch ends)'),
-  Rule('analysis.sharpness_every_epochs', _int_at_least(0), 'an integer >= 0 (0 = off)'),
+  Rule('checkpoint.every_steps', int_at_least(0), 'an integer >= 0 (0 = only at epoch ends)'),
+  Rule('analysis.sharpness_every_epochs', int_at_least(0), 'an integer >= 0 (0 = off)'),
   _positive('analysis.rho'),
-  Rule('analysis.sharpness_num_batches', _int_at_least(1), 'an integer >= 1'),
-  Rule(
-    'analysis.sharpness_num_batches',
-    _sharpness_batches_fit,
-    lambda config, devices: (
-      'at most input.num_train_examples // input.batch_size = '
-      f'{config.input.num_train_examples // config.input.batch_size}'
-    ),
-    cross_field=True,
-  ),
-  Rule('analysis.subset_seed', _is_int, 'an integer'),
-  Rule('model.name', _one_of(tuple(models.MODELS)), f'one of {sorted(models.MODELS)}'),
-  Rule('seed', _is_int, 'an integer'),
-  Rule('log_every_steps', _int_at_least(1), 'an integer >= 1'),
-  Rule('model.dtype', _one_of(MODEL_DTYPES), f'one of {list(MODEL_DTYPES)}'),
+  Rule('analysis.sharpness_num_batches', int_at_least(1), 'an integer >= 1'),
+  Rule('analysis.subset_seed', is_int, 'an integer'),
+  Rule('model.name', one_of(tuple(models.MODELS)), f'one of {sorted(models.MODELS)}'),
+)
+
+# Checked after the input's rules (data.INPUT_RULES), which follow _RULES.
+_RULES_AFTER_INPUT = (
+  Rule('seed', is_int, 'an integer'),
+  Rule('log_every_steps', int_at_least(1), 'an integer >= 1'),
+  Rule('model.dtype', one_of(MODEL_DTYPES), f'one of {list(MODEL_DTYPES)}'),
   _below_one('label_smoothing'),
   # Models without a width (ResNet-50, ViT) leave the field out.
-  Rule('model.width', lambda x: x is _MISSING or (_is_int(x) and x >= 1), 'an integer >= 1'),
-  Rule('num_epochs', _int_at_least(1), 'an integer >= 1'),
+  Rule('model.width', lambda x: x is MISSING or (is_int(x) and x >= 1), 'an integer >= 1'),
+  Rule('num_epochs', int_at_least(1), 'an integer >= 1'),
   *_batch_rules('input.batch_size'),
   *_batch_rules('input.eval_batch_size'),
-  Rule('input.num_train_examples', lambda x: _is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
-  Rule('input.num_test_examples', lambda x: _is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
-  Rule('input.prefetch', _int_at_least(1), 'an integer >= 1'),
-  Rule('optimizer.name', _one_of(OPTIMIZERS), f'one of {list(OPTIMIZERS)}'),
-  Rule('optimizer.schedule', _one_of(SCHEDULES), f'one of {list(SCHEDULES)}'),
+  Rule('input.num_train_examples', lambda x: is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
+  Rule('input.num_test_examples', lambda x: is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
+  Rule('input.prefetch', int_at_least(1), 'an integer >= 1'),
+  Rule('optimizer.name', one_of(OPTIMIZERS), f'one of {list(OPTIMIZERS)}'),
+  Rule('optimizer.schedule', one_of(SCHEDULES), f'one of {list(SCHEDULES)}'),
   _positive('optimizer.lr'),
   _nonnegative('optimizer.weight_decay'),
   _below_one('optimizer.momentum'),
@@ -219,36 +154,10 @@ _RULES = (
   _below_one('optimizer.b2'),
   Rule(
     'optimizer.warmup_epochs',
-    lambda x, config, devices: _is_number(x) and 0 <= x < config.num_epochs,
+    lambda x, config, devices: is_number(x) and 0 <= x < config.num_epochs,
     lambda config, devices: f'in [0, num_epochs={config.num_epochs})',
     cross_field=True,
   ),
-)
-
-# The rules of the fields read only by the input pipeline (``check_input``), checked after
-# ``_RULES``.
-_INPUT_RULES = (
-  Rule(
-    'input.dataset',
-    _dataset_is_known,
-    f"one of {list(data.DATASETS)} or '{data.FOLDER_PREFIX}/path'",
-  ),
-  Rule(
-    'input.image_size',
-    lambda x: _is_int(x) and (x == -1 or x >= 1),
-    '-1 (keep the images) or an integer >= 1 (pixels)',
-  ),
-  Rule(
-    'input.augment',
-    lambda x, config, devices: x in data.augmentations(config.input.dataset),
-    lambda config, devices: (
-      f'one of {list(data.augmentations(config.input.dataset))} for dataset '
-      f'{config.input.dataset!r}'
-    ),
-    cross_field=True,
-  ),
-  Rule('input.crop_padding', _int_at_least(0), 'an integer >= 0 (pixels)'),
-  Rule('input.shuffle_buffer', _int_at_least(1), 'an integer >= 1 (examples)'),
 )
 
 
@@ -257,7 +166,7 @@ def _trajectory_loss_rules(name: str) -> tuple[Rule, ...]:
   return (
     _nonnegative(f'method.{name}.lam'),
     _positive(f'method.{name}.tau'),
-    Rule(f'method.{name}.E_start', _int_at_least(0), 'an integer >= 0'),
+    Rule(f'method.{name}.E_start', int_at_least(0), 'an integer >= 0'),
   )
 
 
@@ -265,12 +174,12 @@ def _trajectory_loss_rules(name: str) -> tuple[Rule, ...]:
 _TRAJECTORY_RULES = {
   'saf': (
     *_trajectory_loss_rules('saf'),
-    Rule('method.saf.E_tilde', _int_at_least(1), 'an integer >= 1'),
-    Rule('method.saf.table_dtype', _one_of(TABLE_DTYPES), f'one of {list(TABLE_DTYPES)}'),
+    Rule('method.saf.E_tilde', int_at_least(1), 'an integer >= 1'),
+    Rule('method.saf.table_dtype', one_of(TABLE_DTYPES), f'one of {list(TABLE_DTYPES)}'),
     # The upper bound, the number of classes, is checked by the LogitTable.
     Rule(
       'method.saf.table_topk',
-      _int_at_least(0),
+      int_at_least(0),
       'an integer >= 0 (0 = full logits; k = the k largest logits per example)',
     ),
     Rule('method.saf.table_memmap', lambda x: isinstance(x, bool), 'True or False'),
@@ -279,14 +188,14 @@ _TRAJECTORY_RULES = {
     *_trajectory_loss_rules('mesa'),
     Rule(
       'method.mesa.ema_decay',
-      lambda x: _is_number(x) and 0 < x < 1,
+      lambda x: is_number(x) and 0 < x < 1,
       'in the open interval (0, 1)',
     ),
   ),
 }
 
 _SCOPE_RULE = Rule(
-  'method.perturbation_scope', _one_of(PERTURBATION_SCOPES), f'one of {list(PERTURBATION_SCOPES)}'
+  'method.perturbation_scope', one_of(PERTURBATION_SCOPES), f'one of {list(PERTURBATION_SCOPES)}'
 )
 
 # The rules of the chosen SAM-family method's hyperparameters (its transform checks them
@@ -298,7 +207,7 @@ _SAM_FAMILY_RULES = {
     _nonnegative('method.asam.eta'),
     Rule(
       'method.asam.adaptive_params',
-      _one_of(transforms.ASAM_ADAPTIVE_PARAMS),
+      one_of(transforms.ASAM_ADAPTIVE_PARAMS),
       f'one of {list(transforms.ASAM_ADAPTIVE_PARAMS)}',
     ),
   ),
@@ -315,7 +224,7 @@ _SAM_FAMILY_RULES = {
   ),
   'looksam': (
     _nonnegative('method.looksam.rho'),
-    Rule('method.looksam.k', _int_at_least(1), 'an integer >= 1'),
+    Rule('method.looksam.k', int_at_least(1), 'an integer >= 1'),
     _nonnegative('method.looksam.alpha'),
   ),
   'esam': (
@@ -324,19 +233,6 @@ _SAM_FAMILY_RULES = {
     _in_unit_interval('method.esam.gamma'),
   ),
 }
-
-
-def _check(config: ml_collections.ConfigDict, devices: _Devices, rules: Sequence[Rule]) -> None:
-  """Raises ``ValueError`` for the first of ``rules`` that ``config`` breaks."""
-  for rule in rules:
-    value = _lookup(config, rule.field)
-    if rule.cross_field:
-      ok = rule.check(value, config, devices)
-    else:
-      ok = rule.check(value)
-    if not ok:
-      allowed = rule.allowed(config, devices) if rule.cross_field else rule.allowed
-      raise ValueError(f'config.{rule.field} must be {allowed}, got {value!r}.')
 
 
 def validate_config(
@@ -355,8 +251,8 @@ def validate_config(
       on one process, and must use all of them with several.
     num_processes: JAX processes feeding one global batch (multi-host).
     check_input: whether to check the ``input`` fields read only by the input pipeline
-      (``dataset``, ``image_size``, ``augment``, ``crop_padding``, ``shuffle_buffer``);
-      False for ``benchmark --synthetic``.
+      (``data.INPUT_RULES``: ``dataset``, ``augment``, ``crop_padding``,
+      ``shuffle_buffer``; ``image_size`` always); False for ``benchmark --synthetic``.
 
   Raises:
     ValueError: ``config.<field> must be <allowed values>, got <value>.`` for the first
@@ -368,16 +264,19 @@ def validate_config(
       unknown ``perturbation_scope``; for the SAM family ``rho``/``eta``/``alpha < 0``,
       ``k < 1``, ``beta``/``gamma`` outside (0, 1], ``rho_min > rho_max`` or an unknown
       ASAM ``adaptive_params``; analysis fields out of range
-      (``sharpness_every_epochs < 0``, ``rho <= 0``, more sharpness batches than
-      ``input.num_train_examples`` holds); checkpoint periods (``every_steps < 0``);
+      (``sharpness_every_epochs < 0``, ``rho <= 0``, ``sharpness_num_batches < 1``; more
+      batches than the training set holds is refused once it is loaded); checkpoint
+      periods (``every_steps < 0``);
       ``eval.train_accuracy`` for a streamed dataset; SAF's ``table_topk < 0`` (its upper
       bound, the number of classes, is checked once the dataset is known); a mesh that
       does not match the devices; an unknown ``mesh.param_sharding``.
   """
-  mesh_data = _lookup(config, 'mesh.data')
-  use_mesh = _is_int(mesh_data) and 1 <= mesh_data <= num_devices
+  mesh_data = lookup(config, 'mesh.data')
+  use_mesh = is_int(mesh_data) and 1 <= mesh_data <= num_devices
   devices = _Devices(num_devices, num_processes, mesh_data if use_mesh else num_devices)
-  _check(config, devices, _RULES + (_INPUT_RULES if check_input else ()))
+  # Without the input pipeline (benchmark --synthetic), the image size is still read.
+  input_rules = data.INPUT_RULES if check_input else (data.IMAGE_SIZE_RULE,)
+  check(config, _RULES + input_rules + _RULES_AFTER_INPUT, devices)
   method = methods.parse(config.method.name)
   rules = _TRAJECTORY_RULES.get(method.trajectory, ()) + (_SCOPE_RULE,)
-  _check(config, devices, rules + _SAM_FAMILY_RULES.get(method.perturbation, ()))
+  check(config, rules + _SAM_FAMILY_RULES.get(method.perturbation, ()), devices)

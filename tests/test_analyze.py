@@ -499,6 +499,12 @@ def test_training_refuses_more_sharpness_batches_than_the_data_before_writing(
   with pytest.raises(ValueError, match=r'config.analysis.sharpness_num_batches must be at most'):
     train.train_and_evaluate(config, workdir)
   assert not os.path.exists(workdir)
+  # A subset in the config: 9 batches of 64 need 576 of its 512 examples.
+  config.input.num_train_examples, config.analysis.sharpness_num_batches = 512, 9
+  match = r'sharpness_num_batches must be at most num_train // batch_size = 8, got 9\.'
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(workdir)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ def _input_config(**overrides) -> ml_collections.ConfigDict:
       'num_test_examples': -1,
       'augment': 'none',
       'crop_padding': 4,
+      'shuffle_buffer': 1,
     }
   )
   config.update(overrides)
@@ -385,3 +386,18 @@ def test_train_subset_can_be_the_whole_split():
   datasets = _mock_datasets(32)
   ids = _subset_ids(datasets, num_batches=4, batch_size=8, seed=0)
   np.testing.assert_array_equal(np.sort(ids), np.arange(32))
+
+
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    ('augment', 'autoaugment', r"augment must be one of \['none', 'flip', 'crop_flip'\] for"),
+    ('dataset', 'svhn_cropped', r"dataset must be one of \['cifar10', "),
+    ('crop_padding', -1, r'crop_padding must be an integer >= 0 \(pixels\), got -1\.'),
+    ('shuffle_buffer', 0, r'shuffle_buffer must be an integer >= 1 \(examples\), got 0\.'),
+  ],
+)
+def test_create_datasets_refuses_bad_input_before_reading_anything(field, value, match):
+  """The same rules as validate_config (data.INPUT_RULES), for callers of the data API."""
+  with pytest.raises(ValueError, match=f'config.input.{match}'):
+    data.create_datasets(_input_config(**{field: value}, data_dir='/nonexistent'), seed=0)

@@ -315,7 +315,8 @@ def test_first_n_examples_and_bad_sizes(data_dir):
   assert set(_epoch(small, 1, batch_size=5)['index']) == set(range(10))
   with pytest.raises(ValueError, match='num_train_examples=25 but the train split'):
     data.create_datasets(_input(data_dir, num_train_examples=25).input, seed=0)
-  with pytest.raises(ValueError, match=r"augment='crop_flip' is not supported for imagenet2012"):
+  match = r"augment must be one of \['inception_crop', 'none'\] for dataset 'imagenet2012'"
+  with pytest.raises(ValueError, match=match):
     data.create_datasets(_input(data_dir, augment='crop_flip').input, seed=0)
 
 

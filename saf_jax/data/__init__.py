@@ -63,13 +63,16 @@ from saf_jax.data.base import (
   DATASETS,
   FASHION_MNIST_IDX_DIR,
   FOLDER_PREFIX,
+  IMAGE_SIZE_RULE,
   IN_MEMORY_DATASETS,
+  INPUT_RULES,
   STREAMED_AUGMENTATIONS,
   STREAMED_DATASETS,
   DataNotFoundError,
   DatasetInfo,
   Datasets,
   augmentations,
+  check_input,
 )
 
 __all__ = [
@@ -77,13 +80,16 @@ __all__ = [
   'DATASETS',
   'FASHION_MNIST_IDX_DIR',
   'FOLDER_PREFIX',
+  'IMAGE_SIZE_RULE',
   'IN_MEMORY_DATASETS',
+  'INPUT_RULES',
   'STREAMED_AUGMENTATIONS',
   'STREAMED_DATASETS',
   'DataNotFoundError',
   'DatasetInfo',
   'Datasets',
   'augmentations',
+  'check_input',
   'create_datasets',
   'ready_builder',
 ]
@@ -113,11 +119,13 @@ def create_datasets(
     interface, with ``info`` describing what is served.
 
   Raises:
-    ValueError: if the data cannot serve ``input_config`` (e.g. more examples asked for than
-      a split has); the fields' values are checked by ``validation.validate_config``.
+    ValueError: for a field that ``INPUT_RULES`` refuse (``check_input``, before anything
+      is read), or if the data cannot serve ``input_config`` (e.g. more examples asked
+      for than a split has).
     DataNotFoundError: if the dataset is not prepared in ``data_dir`` and cannot be
       provided from local files or downloaded.
   """
+  check_input(input_config)
   if input_config.dataset in STREAMED_DATASETS:
     from saf_jax.data import streamed
 

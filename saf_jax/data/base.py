@@ -10,6 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
+from saf_jax.config_rules import Rule, check, int_at_least, is_int
+
 # Where Debian's `dataset-fashion-mnist` package installs the Fashion-MNIST IDX files.
 FASHION_MNIST_IDX_DIR = '/usr/share/datasets/fashion-mnist'
 # config.input.dataset = FOLDER_PREFIX + root: an image folder or archive (saf_jax.data.folder).
@@ -61,6 +63,44 @@ class DatasetInfo:
 def augmentations(dataset: str) -> tuple[str, ...]:
   """The values of ``config.input.augment`` that ``dataset`` (a TFDS name or folder) takes."""
   return STREAMED_AUGMENTATIONS if dataset in STREAMED_DATASETS else AUGMENTATIONS
+
+
+def _dataset_is_known(dataset) -> bool:
+  return dataset in DATASETS or (isinstance(dataset, str) and dataset.startswith(FOLDER_PREFIX))
+
+
+IMAGE_SIZE_RULE = Rule(
+  'input.image_size',
+  lambda x: is_int(x) and (x == -1 or x >= 1),
+  '-1 (keep the images) or an integer >= 1 (pixels)',
+)
+
+# The rules of the config.input fields that only the input pipeline reads, in the order
+# they are checked (saf_jax.config_rules); validation.validate_config applies them too.
+INPUT_RULES = (
+  Rule('input.dataset', _dataset_is_known, f"one of {list(DATASETS)} or '{FOLDER_PREFIX}/path'"),
+  IMAGE_SIZE_RULE,
+  Rule(
+    'input.augment',
+    lambda x, config, context: x in augmentations(config['input']['dataset']),
+    lambda config, context: (
+      f'one of {list(augmentations(config["input"]["dataset"]))} for dataset '
+      f'{config["input"]["dataset"]!r}'
+    ),
+    cross_field=True,
+  ),
+  Rule('input.crop_padding', int_at_least(0), 'an integer >= 0 (pixels)'),
+  Rule('input.shuffle_buffer', int_at_least(1), 'an integer >= 1 (examples)'),
+)
+
+
+def check_input(input_config) -> None:
+  """Raises ``ValueError`` naming the first field of ``config.input`` that ``INPUT_RULES`` refuse.
+
+  Raises:
+    ValueError: ``config.input.<field> must be <allowed values>, got <value>.``
+  """
+  check({'input': input_config}, INPUT_RULES)
 
 
 class Datasets(Protocol):

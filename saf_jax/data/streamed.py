@@ -356,11 +356,6 @@ def create(
   name = input_config.dataset
   if name not in SPECS:
     raise ValueError(f'config.input.dataset={name!r} is not streamed; use one of {list(SPECS)}.')
-  if input_config.augment not in base.STREAMED_AUGMENTATIONS:
-    raise ValueError(
-      f'config.input.augment={input_config.augment!r} is not supported for {name}; use one '
-      f'of {list(base.STREAMED_AUGMENTATIONS)}.'
-    )
   image_size = input_config.image_size
   if image_size == -1:
     image_size = DEFAULT_IMAGE_SIZE
