@@ -105,23 +105,35 @@ class Experiment:
     """
     if not self.method.saf:
       return None
+    num_ids, kwargs = self._table_layout()
+    memmap_dir = None
+    if self.config.method.saf.table_memmap:
+      memmap_dir = os.path.join(workdir, 'saf_table', f'process_{jax.process_index()}')
+    return logit_table.LogitTable(num_ids, self.info.num_classes, **kwargs, memmap_dir=memmap_dir)
+
+  def check_table(self) -> None:
+    """Raises ``ValueError`` where ``new_table`` would (``table_topk``), creating nothing."""
+    if self.method.saf:
+      num_ids, kwargs = self._table_layout()
+      layout = logit_table.layout
+      layout.check_layout(
+        num_ids, self.info.num_classes, kwargs['E_tilde'], kwargs['dtype'], kwargs['topk']
+      )
+
+  def _table_layout(self) -> tuple[int, dict[str, Any]]:
+    """This process's number of table rows, and the table's other arguments."""
     saf = self.config.method.saf
     first_id, num_ids = partition.process_partition(
       self.info.num_train, jax.process_index(), jax.process_count()
     )
-    memmap_dir = None
-    if saf.table_memmap:
-      memmap_dir = os.path.join(workdir, 'saf_table', f'process_{jax.process_index()}')
-    return logit_table.LogitTable(
-      num_ids,
-      self.info.num_classes,
-      E_tilde=saf.E_tilde,
-      dtype=saf.table_dtype,
-      first_id=first_id,
-      topk=saf.table_topk,
-      tau=saf.tau,
-      memmap_dir=memmap_dir,
-    )
+    kwargs = {
+      'E_tilde': saf.E_tilde,
+      'dtype': saf.table_dtype,
+      'first_id': first_id,
+      'topk': saf.table_topk,
+      'tau': saf.tau,
+    }
+    return num_ids, kwargs
 
   def _batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch a train step takes: shapes, dtypes and shardings."""

@@ -165,15 +165,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   exp = experiment.create(config, datasets.info)
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
   probe = evaluation.sharpness_probe(exp, datasets)
-  table = exp.new_table(workdir)  # A memory-mapped table's files are scratch, refilled below.
-  if table is not None:
-    logging.info(
-      'SAF logit table of process %d: %d rows, %.2f MiB on the host.',
-      jax.process_index(),
-      table.num_examples,
-      table.nbytes / 2**20,
-    )
-  return exp, datasets, probe, table
+  exp.check_table()
+  return exp, datasets, probe
 
 
 @dataclasses.dataclass
@@ -183,9 +176,9 @@ class _Run:
   exp: experiment.Experiment
   datasets: Any
   workdir: str
-  table: logit_table.LogitTable | None
   sharpness_probe: Callable | None
   ckpt: checkpoint.Checkpointer = None
+  table: logit_table.LogitTable | None = None
   preemption: resume.Preemption = dataclasses.field(default_factory=resume.Preemption)
   state: train_state.TrainState | None = None
   position: resume.Position = dataclasses.field(default_factory=resume.Position)
@@ -203,7 +196,7 @@ class _Run:
     return int(jax.device_get(self.state.step))
 
   def restore(self) -> None:
-    """The latest checkpoint's state, table and position, or a new state; opens writers."""
+    """Checks the resume, restores or creates the state, table and position; opens writers."""
     exp, workdir = self.exp, self.workdir
     self.ckpt = checkpoint.Checkpointer(
       workdir,
@@ -221,6 +214,14 @@ class _Run:
         saf=exp.method.saf,
       )
     latest = self.ckpt.latest_step()
+    self.table = exp.new_table(workdir)  # A memory-mapped table's files are scratch, refilled.
+    if self.table is not None:
+      logging.info(
+        'SAF logit table of process %d: %d rows, %.2f MiB on the host.',
+        jax.process_index(),
+        self.table.num_examples,
+        self.table.nbytes / 2**20,
+      )
     if latest is None:
       self.state = exp.init_state()
     else:
@@ -356,8 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
       checkpoint saved before it is kept as it was.
   """
   wall_start = time.perf_counter()
-  exp, datasets, probe, table = _prepare(config, workdir)
-  run = _Run(exp, datasets, workdir, table, probe)
+  exp, datasets, probe = _prepare(config, workdir)
+  run = _Run(exp, datasets, workdir, probe)
   run.restore()
   record: dict[str, Any] = {}
   with run.preemption:

@@ -268,3 +268,23 @@ def test_the_model_ema_resumes_exactly_and_off_it_leaves_the_checkpoint_format_a
   assert 'test_model_ema/accuracy' not in record
   assert 'model_ema' not in metadata(str(tmp_path / 'c'))
   assert 'ema_params' in metadata(str(tmp_path / 'c'))  # The old tree's keys.
+
+
+def test_a_preempted_call_returns_where_it_stopped_and_a_rerun_finishes(tmp_path, monkeypatch):
+  from saf_jax import resume, train
+
+  config = _tiny_run(tmp_path)
+  workdir = str(tmp_path / 'run')
+
+  def requested(self, step):  # SIGTERM arrives during the first step.
+    self.signal_received = True
+    return True
+
+  with monkeypatch.context() as patch:
+    patch.setattr(resume.Preemption, 'requested', requested)
+    stopped = train.train_and_evaluate(config, workdir)
+  assert (stopped.status, stopped.step, stopped.epoch) == (train.PREEMPTED, 1, 1)
+  assert (stopped.batches_done, stopped.record) == (1, {})  # Mid-epoch: no record yet.
+  done = train.train_and_evaluate(config, workdir)
+  assert (done.status, done.epoch, done.record['epoch']) == (train.FINISHED, 3, 3)
+  assert done.step == 3 * done.batches_done
