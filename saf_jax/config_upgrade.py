@@ -14,6 +14,21 @@ from typing import Any
 # run written before it implicitly used (see upgrade_config).
 ADDED_FIELDS = {
   'method.perturbation_scope': 'global',
+  # The SAM family's sections: the methods that read them did not exist yet, so an old run
+  # (sgd, saf or mesa) is read with the defaults that a rerun of its command has.
+  'method.sam.rho': 0.05,
+  'method.asam.rho': 0.5,
+  'method.asam.eta': 0.01,
+  'method.asam.adaptive_params': 'weights',
+  'method.gsam.rho_max': 0.05,
+  'method.gsam.rho_min': 0.0,
+  'method.gsam.alpha': 0.1,
+  'method.looksam.rho': 0.05,
+  'method.looksam.k': 5,
+  'method.looksam.alpha': 0.7,
+  'method.esam.rho': 0.05,
+  'method.esam.beta': 0.6,
+  'method.esam.gamma': 0.5,
   'analysis.sharpness_every_epochs': 0,
   'analysis.rho': 0.05,
   'analysis.sharpness_num_batches': 8,
@@ -42,6 +57,8 @@ def upgrade_config(config_dict: dict[str, Any]) -> dict[str, Any]:
   ==================================  ==========  =====================================
   ``method.perturbation_scope``       2026-11-29  ``'global'``: no SAM-family method
                                                   existed, and only those read it.
+  ``method.{sam,asam,gsam,looksam,   2026-11-29  Today's defaults (``configs/default.py``):
+  esam}.*``                                       no method of such a run read them.
   ``analysis.sharpness_every_epochs`` 2026-11-29  ``0``: training did not measure it.
   ``analysis.rho``                    2026-11-29  ``0.05``, the radius of Fig. 4b.
   ``analysis.sharpness_num_batches``  2026-11-29  ``8`` batches for the sharpness tool.

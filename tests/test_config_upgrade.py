@@ -14,6 +14,20 @@ from saf_jax.analysis import runs
 # resume if the field changes training, else None).
 OLD_VALUES = (
   ('method.perturbation_scope', 'global', 'per_device'),
+  # The SAM family's sections; a saf run does not read them.
+  ('method.sam.rho', 0.05, None),
+  ('method.asam.rho', 0.5, None),
+  ('method.asam.eta', 0.01, None),
+  ('method.asam.adaptive_params', 'weights', None),
+  ('method.gsam.rho_max', 0.05, None),
+  ('method.gsam.rho_min', 0.0, None),
+  ('method.gsam.alpha', 0.1, None),
+  ('method.looksam.rho', 0.05, None),
+  ('method.looksam.k', 5, None),
+  ('method.looksam.alpha', 0.7, None),
+  ('method.esam.rho', 0.05, None),
+  ('method.esam.beta', 0.6, None),
+  ('method.esam.gamma', 0.5, None),
   ('analysis.sharpness_every_epochs', 0, None),
   ('analysis.rho', 0.05, None),
   ('analysis.sharpness_num_batches', 8, None),
@@ -84,7 +98,9 @@ def test_a_config_of_the_first_version_is_valid_once_upgraded():
   old = default.get_config('smoke').to_dict()
   for field, _, _ in OLD_VALUES:
     delete_field(old, field)
-  del old['analysis']  # The first version had no analysis section at all.
+  del old['analysis']  # The first version had no analysis section at all,
+  for name in ('sam', 'asam', 'gsam', 'looksam', 'esam'):  # nor the SAM family's.
+    del old['method'][name]
   upgraded = ml_collections.ConfigDict(config_upgrade.upgrade_config(old))
   validation.validate_config(upgraded, num_devices=1)
   assert upgraded.analysis.to_dict() == {
@@ -114,3 +130,13 @@ def test_analysis_reads_a_missing_field_as_its_old_value(tmp_path, field, old_va
   del other
   _write_old_config(tmp_path, [field])
   assert get_field(runs.read_config(str(tmp_path)), field) == old_value
+
+
+def test_a_workdir_of_the_first_version_resumes_with_its_command(tmp_path):
+  """Every section added since (SAM family and analysis too) reads as a rerun's config."""
+  old = _write_old_config(tmp_path, [field for field, _, _ in OLD_VALUES])
+  del old['analysis']
+  for name in ('sam', 'asam', 'gsam', 'looksam', 'esam'):
+    del old['method'][name]
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  checkpoint.check_workdir(default.get_config('method=saf,smoke'), str(tmp_path))

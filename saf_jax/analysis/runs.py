@@ -420,7 +420,7 @@ def check_loadable(
   """
   config = read_config(workdir)
   method = config['method']['name']
-  num_train = config['input'].get('num_train_examples', -1)
+  num_train = config['input']['num_train_examples']
   if num_examples is not None and 0 < num_train < num_examples:
     raise ValueError(
       f'--num_examples={num_examples} exceeds the {num_train} training examples of the run '

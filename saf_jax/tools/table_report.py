@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from saf_jax import checkpoint, logit_table
+from saf_jax import checkpoint, config_upgrade, logit_table
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_CLASSES = 1000
@@ -91,7 +91,7 @@ def run_error(
       on a ``k`` or dtype that ``logit_table.storage_error`` rejects.
   """
   with open(checkpoint.config_path(workdir)) as f:
-    config = json.load(f)
+    config = config_upgrade.upgrade_config(json.load(f))
   directory = os.path.join(workdir, 'checkpoints_table', 'process_0')
   steps = (
     sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(directory) else []
@@ -107,7 +107,7 @@ def run_error(
     if name.endswith('.npy')
   }
   saf = config['method']['saf']
-  table_dtype = saf.get('table_dtype', 'float32')
+  table_dtype = saf['table_dtype']
   if table_dtype == 'bfloat16':  # Saved as its bit pattern.
     arrays['values'] = arrays['values'].view(ml_dtypes.bfloat16)
   E_tilde, num, num_classes = arrays['values'].shape
