@@ -1,6 +1,6 @@
 """MESA in your own loop: the trajectory loss against an EMA teacher (Eq. 10 and 13).
 
-  python examples/mesa_ema_teacher.py
+  python -m examples.mesa_ema_teacher  # from the repository root
 
 ``saf_jax.ema_params`` keeps the EMA of the weights as the last link of an optax chain;
 ``saf_jax.get_ema_params`` reads it back as the teacher.

@@ -1,6 +1,6 @@
 """SAF in your own loop: a LogitTable of past logits and the masked trajectory loss (Eq. 9).
 
-  python examples/saf_logit_table.py
+  python -m examples.saf_logit_table  # from the repository root
 
 Every example carries a stable id. In epoch e its logits from epoch e - E_tilde are the
 target; the step's own logits are written back (Algorithm 1, lines 4-5), so SAF needs no

@@ -1,6 +1,6 @@
 """SAM around any optax optimizer, in your own loop: a linear classifier on synthetic data.
 
-python examples/sam_any_optimizer.py
+python -m examples.sam_any_optimizer  # from the repository root
 """
 
 import jax
