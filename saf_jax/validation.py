@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import ml_collections
 
-from saf_jax import data, methods, models, transforms
+from saf_jax import data, logit_table, methods, models, transforms
 from saf_jax.config_rules import (
   MISSING,
   Rule,
@@ -31,7 +31,7 @@ from saf_jax.config_rules import (
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant')
-TABLE_DTYPES = ('float32', 'bfloat16', 'int8')
+TABLE_DTYPES = tuple(logit_table.layout.DTYPES)  # The storage the table implements.
 PERTURBATION_SCOPES = ('global', 'per_device')
 PARAM_SHARDINGS = ('replicated',)
 MODEL_DTYPES = ('float32', 'bfloat16')
