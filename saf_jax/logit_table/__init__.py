@@ -18,9 +18,12 @@ The modules:
 
 * ``layout``: the storage layouts (full logits in float32, bfloat16 or int8 codes; top-k
   logits with the tail's log-sum-exp), their codecs and the error they bound, and
-  :func:`table_nbytes`, a layout's size.
+  :func:`table_nbytes`, a layout's size, and ``check_ids``, a batch's ids against a table's.
 * ``host``: :class:`LogitTable`, a layout's arrays on the host (in RAM or memory-mapped),
   written in the background while training runs.
+* ``device``: :class:`DeviceTable`, the same arrays as a dict of ``jax.Array`` sharded over
+  the devices by row, read and written by pure JAX functions inside the jitted train step
+  (the layout's codecs in float32), so the table never leaves the devices.
 * ``measure``: :func:`storage_error` and :func:`topk_compression_error`, a layout's effect
   on the trajectory loss and its gradient, measured on real logits.
 
@@ -38,12 +41,14 @@ References:
   Du et al, `Sharpness-Aware Training for Free <https://arxiv.org/abs/2205.14083>`_, 2022
 """
 
+from saf_jax.logit_table.device import DeviceTable
 from saf_jax.logit_table.host import LogitTable
 from saf_jax.logit_table.layout import NEVER_WRITTEN, table_nbytes
 from saf_jax.logit_table.measure import storage_error, topk_compression_error
 
 __all__ = [
   'NEVER_WRITTEN',
+  'DeviceTable',
   'LogitTable',
   'storage_error',
   'table_nbytes',

@@ -141,24 +141,9 @@ class LogitTable:
     return epoch % self.E_tilde
 
   def _check_ids(self, ids: np.ndarray) -> np.ndarray:
-    """Checks global ids; returns their rows (ids - first_id), int64 [batch]."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f'Example ids must be a 1-D integer array, got {ids.dtype} {ids.shape}.')
-    lo, hi = self.first_id, self.first_id + self.num_examples
-    if ids.size and (ids.min() < lo or ids.max() >= hi):
-      bad = ids[(ids < lo) | (ids >= hi)]
-      raise ValueError(
-        f'Example ids must lie in [{lo}, {hi}) (the table was built for '
-        f'{self.num_examples} training examples from id {lo}); got {bad[:8].tolist()}, '
-        "not in this process's partition."
-      )
-    if np.unique(ids).size != ids.size:
-      uniq, counts = np.unique(ids, return_counts=True)
-      raise ValueError(
-        f'Example ids within one batch must be distinct; repeated: {uniq[counts > 1][:8].tolist()}.'
-      )
-    return ids.astype(np.int64) - self.first_id
+    """Checks global ids; returns their rows (ids - first_id), int64 [batch]
+    (:func:`saf_jax.logit_table.layout.check_ids`)."""
+    return layout.check_ids(ids, self.first_id, self.num_examples)
 
   def _check_logits_shape(self, ids: np.ndarray, logits) -> None:
     if tuple(logits.shape) != (ids.size, self.num_classes):

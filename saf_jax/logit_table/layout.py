@@ -122,6 +122,40 @@ def check_layout(num_examples: int, num_classes: int, E_tilde: int, dtype: str, 
     raise ValueError(topk_range_message(topk, num_classes))
 
 
+def check_ids(ids: np.ndarray, first_id: int, num_examples: int) -> np.ndarray:
+  """Checks a batch's global example ids against a table's ``[first_id, first_id + num_examples)``.
+
+  Args:
+    ids: int [batch], global example ids.
+    first_id: the example id of the table's row 0.
+    num_examples: the table's rows per slot.
+
+  Returns:
+    Their rows, ``ids - first_id``: int64 [batch].
+
+  Raises:
+    ValueError: ids that are not a 1-D integer array, lie outside the range (not in this
+      process's partition), or repeat within the batch.
+  """
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f'Example ids must be a 1-D integer array, got {ids.dtype} {ids.shape}.')
+  lo, hi = first_id, first_id + num_examples
+  if ids.size and (ids.min() < lo or ids.max() >= hi):
+    bad = ids[(ids < lo) | (ids >= hi)]
+    raise ValueError(
+      f'Example ids must lie in [{lo}, {hi}) (the table was built for '
+      f'{num_examples} training examples from id {lo}); got {bad[:8].tolist()}, '
+      "not in this process's partition."
+    )
+  if np.unique(ids).size != ids.size:
+    uniq, counts = np.unique(ids, return_counts=True)
+    raise ValueError(
+      f'Example ids within one batch must be distinct; repeated: {uniq[counts > 1][:8].tolist()}.'
+    )
+  return ids.astype(np.int64) - first_id
+
+
 def _class_id_dtype(num_classes: int) -> np.dtype:
   return np.dtype(np.uint16) if num_classes <= 65535 else np.dtype(np.int32)
 
