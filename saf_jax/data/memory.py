@@ -31,6 +31,7 @@ class InMemoryDatasets:
     augment: one of ``AUGMENTATIONS``, applied to train batches only.
     crop_padding: zero pixels added on each side before a random crop (``'crop_flip'``).
     seed: seed of the train order and augmentation.
+    mean, std: tuples (length C) of the normalisation ``(x / 255 - mean) / std`` per channel.
   """
 
   def __init__(
@@ -62,6 +63,8 @@ class InMemoryDatasets:
     self.augment = augment
     self.crop_padding = crop_padding
     self.seed = seed
+    self.mean = tuple(float(m) for m in mean)
+    self.std = tuple(float(s) for s in std)
     with tf.device('/cpu:0'):
       self._train_images = tf.constant(train['image'])
       self._train_labels = tf.constant(train['label'], dtype=tf.int32)
@@ -69,6 +72,82 @@ class InMemoryDatasets:
       self._test_labels = tf.constant(test['label'], dtype=tf.int32)
     self._mean = tf.constant(mean, dtype=tf.float32)
     self._std = tf.constant(std, dtype=tf.float32)
+
+  def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of the train split, indexed by id: uint8 [num_train, H, W, C], int32 [num_train]."""
+    return self._train_images.numpy(), self._train_labels.numpy()
+
+  def epoch_plan(
+    self,
+    epoch: int,
+    *,
+    batch_size: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> dict[str, np.ndarray]:
+    """The ids and augmentation draws of one process's train batches of an epoch.
+
+    Process ``p`` of ``P`` reads only its fixed partition of the ids,
+    ``partition.process_partition(num_train, p, P)``, in every epoch, in an order that is a
+    permutation of that partition fixed by ``(seed, epoch, p)`` (by ``(seed, epoch)`` when
+    ``P = 1``: then the partition is every id). The last ``partition size % batch_size``
+    ids of the permutation are dropped. Flips and crop offsets are looked up by id in tables
+    of the epoch: they depend only on ``(seed, epoch, id)`` (and ``p`` when ``P > 1``). All
+    come from stateless TF random ops on the host: the same arguments give the same plan.
+
+    Args:
+      epoch: epoch number, counting from 1.
+      batch_size: examples per batch of this process (the global batch over ``P``).
+      start_batch: batches of the epoch to skip (already trained before a resume).
+      process_index: this process, in ``[0, process_count)``.
+      process_count: number of processes ``P`` feeding one global batch.
+
+    Returns:
+      With ``n = partition size // batch_size - start_batch`` batches: ``'index'`` int32
+      [n, batch_size], the ids of each batch in order; ``'flip'`` bool [n, batch_size],
+      whether to mirror the example left-right (all False for ``'none'``); ``'offset'``
+      int32 [n, batch_size, 2], the top-left (row, column) of its crop in the image padded
+      with ``crop_padding`` zero pixels per side, each in ``[0, 2 * crop_padding]`` (all 0
+      unless ``'crop_flip'``).
+
+    Raises:
+      ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, partition size]`` or
+        ``start_batch`` is not in ``[0, batches per epoch]``.
+    """
+    first_id, num_ids, num_batches = partition.epoch_partition(
+      self.info.num_train, epoch, batch_size, start_batch, process_index, process_count
+    )
+    num_train = self.info.num_train
+    epoch_key = tf.constant([self.seed, epoch], dtype=tf.int64)
+    if process_count > 1:
+      epoch_key = tf.random.experimental.stateless_fold_in(epoch_key, process_index, alg='philox')
+
+    def key(stream: int) -> tf.Tensor:
+      return tf.random.experimental.stateless_fold_in(epoch_key, stream, alg='philox')
+
+    ids = tf.random.experimental.stateless_shuffle(
+      tf.range(first_id, first_id + num_ids, dtype=tf.int32),
+      seed=key(_PERMUTATION_STREAM),
+      alg='philox',
+    )[start_batch * batch_size : num_batches * batch_size]
+    # Per-id augmentation tables, so an example's augmentation depends on (seed, epoch, id).
+    flip_table = tf.zeros([num_train], dtype=tf.bool)
+    offset_table = tf.zeros([num_train, 2], dtype=tf.int32)
+    if self.augment in ('flip', 'crop_flip'):
+      uniform = tf.random.stateless_uniform([num_train], seed=key(_FLIP_STREAM), alg='philox')
+      flip_table = uniform < 0.5
+    if self.augment == 'crop_flip':  # Offsets uniform in [0, 2 * crop_padding].
+      maxval = 2 * self.crop_padding + 1
+      offset_table = tf.random.stateless_uniform(
+        [num_train, 2], seed=key(_CROP_STREAM), maxval=maxval, dtype=tf.int32, alg='philox'
+      )
+    shape = [num_batches - start_batch, batch_size]
+    return {
+      'index': np.reshape(ids.numpy(), shape),
+      'flip': np.reshape(tf.gather(flip_table, ids).numpy(), shape),
+      'offset': np.reshape(tf.gather(offset_table, ids).numpy(), [*shape, 2]),
+    }
 
   def train_epoch(
     self,
@@ -81,19 +160,12 @@ class InMemoryDatasets:
   ) -> Iterator[dict[str, np.ndarray]]:
     """Iterates over one epoch of shuffled, augmented train batches of one process.
 
-    Process ``p`` of ``P`` reads only its fixed partition of the ids,
-    ``partition.process_partition(num_train, p, P)``, in every epoch, in an order that is a
-    permutation of that partition fixed by ``(seed, epoch, p)`` (by ``(seed, epoch)`` when
-    ``P = 1``: then the partition is every id). The last ``partition size % batch_size``
-    ids of the permutation are dropped. Calling this again with the same arguments gives the
-    same batches, so a resumed run can replay any epoch, or continue it from ``start_batch``.
+    The batches of :meth:`epoch_plan` (same arguments: same ids, flips and crops), gathered,
+    cropped, flipped and normalised on the host. The same arguments give the same batches,
+    so a resumed run can replay any epoch, or continue it from ``start_batch``.
 
     Args:
-      epoch: epoch number, counting from 1.
-      batch_size: examples per batch of this process (the global batch over ``P``).
-      start_batch: batches of the epoch to skip (already trained before a resume).
-      process_index: this process, in ``[0, process_count)``.
-      process_count: number of processes ``P`` feeding one global batch.
+      epoch, batch_size, start_batch, process_index, process_count: as :meth:`epoch_plan`.
 
     Returns:
       An iterator over ``partition size // batch_size - start_batch`` dicts: ``'image'``
@@ -101,65 +173,28 @@ class InMemoryDatasets:
       ``'label'`` int32 [batch_size], ``'index'`` int32 [batch_size], each example's id.
 
     Raises:
-      ValueError: if ``epoch < 1``, ``batch_size`` is not in ``[1, partition size]`` or
-        ``start_batch`` is not in ``[0, batches per epoch]``.
+      ValueError: as :meth:`epoch_plan`.
     """
-    first_id, num_ids, _ = partition.epoch_partition(
-      self.info.num_train, epoch, batch_size, start_batch, process_index, process_count
+    plan = self.epoch_plan(
+      epoch,
+      batch_size=batch_size,
+      start_batch=start_batch,
+      process_index=process_index,
+      process_count=process_count,
     )
-    num_train = self.info.num_train
-    height, width, _ = self.info.image_shape
-    epoch_key = tf.constant([self.seed, epoch], dtype=tf.int64)
-    if process_count > 1:
-      epoch_key = tf.random.experimental.stateless_fold_in(epoch_key, process_index, alg='philox')
+    padding = self.crop_padding if self.augment == 'crop_flip' else 0
 
-    def key(stream: int) -> tf.Tensor:
-      return tf.random.experimental.stateless_fold_in(epoch_key, stream, alg='philox')
-
-    ids = tf.random.experimental.stateless_shuffle(
-      tf.range(first_id, first_id + num_ids, dtype=tf.int32),
-      seed=key(_PERMUTATION_STREAM),
-      alg='philox',
-    )
-    # Per-id augmentation tables, so an example's augmentation depends on (seed, epoch, id).
-    flip_table = tf.zeros([num_train], dtype=tf.bool)
-    offset_table = tf.zeros([num_train, 2], dtype=tf.int32)
-    padding = 0
-    if self.augment in ('flip', 'crop_flip'):
-      flip_table = (
-        tf.random.stateless_uniform([num_train], seed=key(_FLIP_STREAM), alg='philox') < 0.5
-      )
-    if self.augment == 'crop_flip':
-      padding = self.crop_padding
-      offset_table = tf.random.stateless_uniform(
-        [num_train, 2],
-        seed=key(_CROP_STREAM),
-        minval=0,
-        maxval=2 * padding + 1,
-        dtype=tf.int32,
-        alg='philox',
-      )
-
-    def make_batch(batch_ids: tf.Tensor) -> dict[str, tf.Tensor]:
-      images = tf.gather(self._train_images, batch_ids)  # uint8 [B, H, W, C]
+    def make_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      images = tf.gather(self._train_images, batch['index'])  # uint8 [B, H, W, C]
       if self.augment != 'none':
-        images = _crop_and_flip(
-          images,
-          flip=tf.gather(flip_table, batch_ids),
-          offsets=tf.gather(offset_table, batch_ids),
-          padding=padding,
-          height=height,
-          width=width,
-        )
+        images = _crop_and_flip(images, batch['flip'], batch['offset'], padding)
       return {
         'image': self._normalise(images),
-        'label': tf.gather(self._train_labels, batch_ids),
-        'index': batch_ids,
+        'label': tf.gather(self._train_labels, batch['index']),
+        'index': batch['index'],
       }
 
-    ids = ids[start_batch * batch_size :]
-    ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size, drop_remainder=True)
-    return batching.numpy_batches(ds, make_batch)
+    return batching.numpy_batches(tf.data.Dataset.from_tensor_slices(plan), make_batch)
 
   def train_subset_batches(
     self, *, num_batches: int, batch_size: int, seed: int
@@ -272,29 +307,20 @@ class InMemoryDatasets:
     return (tf.cast(images, tf.float32) / 255.0 - self._mean) / self._std
 
 
-def _crop_and_flip(
-  images: tf.Tensor,
-  *,
-  flip: tf.Tensor,
-  offsets: tf.Tensor,
-  padding: int,
-  height: int,
-  width: int,
-) -> tf.Tensor:
+def _crop_and_flip(images: tf.Tensor, flip: tf.Tensor, offsets: tf.Tensor, padding: int):
   """Zero-pads, crops and horizontally flips each image of a batch with one gather per axis.
 
   Args:
-    images: uint8 [B, height, width, C].
+    images: uint8 [B, H, W, C], of static H and W.
     flip: bool [B], whether to mirror each image left-right.
     offsets: int32 [B, 2], top-left (row, column) of each crop in the padded image, each in
       ``[0, 2 * padding]``.
     padding: zero pixels added on each side before cropping; 0 means no crop.
-    height: image height in pixels.
-    width: image width in pixels.
 
   Returns:
-    uint8 [B, height, width, C].
+    uint8 [B, H, W, C].
   """
+  _, height, width, _ = images.shape
   if padding:
     images = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
     rows = offsets[:, :1] + tf.range(height)  # [B, H]
