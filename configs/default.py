@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0  # Init, data order and augmentation all derive from it.
   config.num_epochs = 8  # Epochs, counted from 1.
   config.log_every_steps = 50  # Steps between progress-bar loss updates.
+  # Training steps per call of the compiled program (one lax.scan, metrics kept on the
+  # device): fewer dispatches for short steps. Must divide the steps per epoch and
+  # checkpoint.every_steps; SIGTERM and the progress bar act between calls.
+  config.steps_per_dispatch = 1
 
   # Input.
   config.input = ml_collections.ConfigDict()
@@ -102,7 +106,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.num_test_examples = -1  # The same for the test split.
   config.input.augment = 'flip'  # 'none' | 'flip' | 'crop_flip'; ImageNet: 'inception_crop'.
   config.input.crop_padding = 4  # Pixels of zero padding for 'crop_flip'.
-  config.input.prefetch = 2  # Batches placed on device ahead of the step.
+  config.input.prefetch = 2  # Batches placed on device ahead of the step (host placement).
+  # 'device': the uint8 training set on every device, each batch gathered, augmented and
+  # normalised inside the compiled step (in-memory datasets); 'host': the tf.data pipeline;
+  # 'auto': 'device' when it fits (saf_jax.placement). Same ids and pixels either way.
+  config.input.placement = 'auto'
   # Streamed datasets (ImageNet) only: encoded examples per shuffle window of each process.
   config.input.shuffle_buffer = 16_384
 
@@ -143,6 +151,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # temperature tau (saf_jax.logit_table; for many classes, e.g. ImageNet's 1000).
   config.method.saf.table_topk = 0
   config.method.saf.table_memmap = False  # Keep the table in workdir/saf_table (.npy).
+  # 'device': the table is sharded over the devices and read and written inside the
+  # compiled step; 'host': NumPy on the host (or memory-mapped); 'auto': 'device' when it
+  # fits (saf_jax.placement). Same targets either way.
+  config.method.saf.table_placement = 'auto'
   config.method.mesa = ml_collections.ConfigDict()
   config.method.mesa.lam = 0.8  # lambda (Eq. 13).
   config.method.mesa.tau = 5.0  # Temperature.
@@ -205,6 +217,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Devices on the 'data' axis; -1 = all devices (all processes).
   config.mesh.param_sharding = 'replicated'  # How the state is laid out on the mesh.
+  # Share of one device's memory that the 'auto' placements may give to the training set
+  # and SAF's table (saf_jax.placement); the rest is the model's.
+  config.mesh.device_memory_fraction = 0.25
 
   # Multi-host (TPU pods, several GPU nodes): main.py calls jax.distributed.initialize()
   # when enabled, or when the JAX_COORDINATOR_ADDRESS environment variable is set. None

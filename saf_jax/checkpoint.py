@@ -9,14 +9,19 @@ renamed):
   ``TrainState``: step, params, batch_stats, opt_state, MESA's EMA params and stats) and
   ``meta`` (JSON: epoch, batches of that epoch done, step, device and process counts, and
   the per-step train metrics of an unfinished epoch).
-* ``checkpoints_table/process_<p>/<step>/``, SAF only, written by process ``p`` alone as
-  ``.npy`` files: the rows of its partition of the logit table with their written epochs.
+* ``checkpoints_table/process_<p>/<step>/``, SAF with its table on the host only, written
+  by process ``p`` alone as ``.npy`` files: the rows of its partition of the logit table
+  with their written epochs. A table on the devices is instead the ``saf_table`` item of
+  ``checkpoints/<step>/`` (the same arrays, every example's rows, saved sharded by Orbax),
+  and ``meta`` records where the table was (``table_placement``).
 
-The table is saved before the state, so a step with a ``state`` has every process's table
-too; :meth:`Checkpointer.latest_step` returns the newest step that is complete for every
-process. There is no random-number state to save: data order and augmentation derive from
-(seed, epoch, process) and each step's randomness from (seed, step), so resuming at any
-saved step continues the run exactly as if it had not stopped.
+A host table is saved before the state, so a step with a ``state`` has every process's
+table too; :meth:`Checkpointer.latest_step` returns the newest step that is complete for
+every process. A device table is committed with the state, in the same checkpoint.
+
+There is no random-number state to save: data order and augmentation derive from (seed,
+epoch, process) and each step's randomness from (seed, step), so resuming at any saved
+step continues the run exactly as if it had not stopped.
 
 Before anything is written, :func:`check_workdir` compares the workdir's stored config
 with the new one and refuses a mismatch in any field that changes the training
@@ -25,19 +30,17 @@ trajectory, so another run's checkpoint is never resumed or overwritten by mista
 
 import json
 import os
-import shutil
 import time
 from typing import Any
 
 import flax.struct
 import jax
 import ml_collections
-import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from saf_jax import config_upgrade, train_state
+from saf_jax import config_upgrade, table_files, train_state
 
 # Fields that may differ between a run and its resumption (they do not change training).
 _RESUME_FREE = (
@@ -53,6 +56,8 @@ _RESUME_FREE = (
   'analysis',
   'distributed',
   'method.saf.table_memmap',
+  'method.saf.table_placement',  # The checkpoint's own placement is checked on resume.
+  'input.placement',  # The same ids and pixels either way.
 )
 
 
@@ -166,6 +171,71 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(tmp, path)
 
 
+def table_placement(workdir: str) -> str | None:
+  """Where the newest checkpoint of ``workdir`` keeps SAF's table: 'device', 'host' or None.
+
+  Its ``meta`` says (``table_placement``); 'host' for a checkpoint saved before tables could
+  be on the devices, None without a checkpoint. Reads the meta file alone (no Orbax
+  manager, so no collective: every process may call it at any time); changes nothing.
+
+  Raises:
+    CheckpointError: if the newest checkpoint's meta cannot be read.
+  """
+  steps = saved_steps(workdir)
+  if not steps:
+    return None
+  path = os.path.join(workdir, 'checkpoints', str(steps[-1]), 'meta', 'metadata')
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(
+      f'The checkpoint of step {steps[-1]} in {workdir!r} cannot be read ({type(e).__name__}: '
+      f'{e}). Move checkpoints/{steps[-1]} aside to resume from the previous checkpoint, or '
+      'use a new --workdir.'
+    ) from e
+  return meta.get('table_placement', 'host')
+
+
+def saved_table(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
+  """The newest saved SAF table of ``workdir``, as NumPy arrays, wherever it was kept.
+
+  Reads process 0's files under ``checkpoints_table/`` (a host table: that process's
+  partition of the rows) or the ``saf_table`` item of the newest checkpoint (a device
+  table: every example's rows, plus padding rows never written). Changes nothing.
+
+  Returns:
+    ``(where it was read from, {array name: array})``, the arrays of
+    ``saf_jax.logit_table.layout`` (bfloat16 logits as bfloat16).
+
+  Raises:
+    ValueError: if the workdir holds no saved SAF table.
+  """
+  files = table_files.TableFiles(workdir, process_index=0)
+  if files.steps():
+    step = files.steps()[-1]
+    return os.path.join(files.directory, str(step)), files.load(step)
+  directory = os.path.join(workdir, 'checkpoints')
+  if table_placement(workdir) == 'device':
+    path = os.path.join(directory, str(saved_steps(workdir)[-1]), 'saf_table')
+    if not os.path.isdir(path):
+      raise CheckpointError(
+        f'The newest checkpoint in {directory!r} keeps its SAF table on the devices, but '
+        f'{path!r} is missing.'
+      )
+    with ocp.StandardCheckpointer() as reader:
+      # The saving run's devices may be gone, and the table is for NumPy: read onto a CPU.
+      one = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+      tree = reader.metadata(path).item_metadata.tree
+      like = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one) for k, m in tree.items()}
+      restored = reader.restore(path, like)
+    return path, {name: np.asarray(jax.device_get(a)) for name, a in restored.items()}
+  raise ValueError(
+    f'{workdir!r} has no saved SAF table (under checkpoints_table/process_0, or in '
+    'checkpoints/ as saf_table).'
+  )
+
+
 def saved_steps(workdir: str) -> list[int]:
   """Steps with a committed ``checkpoints/<step>`` (state and meta), ascending; no Orbax."""
   root = os.path.join(workdir, 'checkpoints')
@@ -218,7 +288,8 @@ def _manager(directory: str, max_to_keep: int | None, **options) -> ocp.Checkpoi
 
 
 class Checkpointer:
-  """The checkpoints of one workdir: the train state (Orbax), and this process's SAF table.
+  """The checkpoints of one workdir: the train state and a device SAF table (Orbax), or a host
+  table's files of this process.
 
   Attributes:
     workdir: the run's directory.
@@ -230,6 +301,7 @@ class Checkpointer:
     *,
     max_to_keep: int,
     with_table: bool = False,
+    table_on_device: bool = False,
     remove_unfinished: bool = False,
   ):
     """Opens (creating if needed) the checkpoint directories of ``workdir``.
@@ -237,7 +309,10 @@ class Checkpointer:
     Args:
       workdir: the run's directory.
       max_to_keep: checkpoints kept; older ones are deleted after each save.
-      with_table: whether this run has a SAF table (then each process keeps its own).
+      with_table: whether this run has a SAF table on the host (then each process keeps
+        its own files).
+      table_on_device: whether this run has a SAF table on the devices (then it is an
+        Orbax item of each checkpoint).
       remove_unfinished: delete the temporary directories of saves cut short by a kill
         (for the training run itself; a reader such as ``analyze`` must not, since the
         run may be saving at that moment).
@@ -248,7 +323,8 @@ class Checkpointer:
       max_to_keep,
       cleanup_tmp_directories=remove_unfinished,
     )
-    self._table = _TableFiles(workdir) if with_table else None
+    self._table = table_files.TableFiles(workdir) if with_table and not table_on_device else None
+    self._table_item = table_on_device
 
   def latest_state_step(self) -> int | None:
     """The newest committed state checkpoint (shared by all processes), table or not."""
@@ -284,20 +360,24 @@ class Checkpointer:
     self,
     step: int,
     state: Any,
-    table: dict[str, np.ndarray] | None,
+    table: dict[str, Any] | None,
     meta: dict[str, Any],
   ) -> None:
-    """Saves at ``step``: this process's table first, then the state; blocks until committed.
+    """Saves at ``step``: a host table's files first, then the state (with a device table
+    as its ``saf_table`` item); blocks until committed.
 
     Args:
       step: the global step, the checkpoint's key (``state.step``).
       state: the ``TrainState``.
-      table: SAF's ``LogitTable.state_dict()`` of this process, or None.
+      table: SAF's ``LogitTable.state_dict()`` of this process, or a device table's
+        global arrays (``dispatch.TableOnDevice.state_dict()``), or None.
       meta: JSON-serialisable position and bookkeeping (see ``train.train_and_evaluate``).
     """
-    if table is not None:
+    if table is not None and self._table is not None:
       self._table.save(step, table)
     items = {'state': ocp.args.StandardSave(_to_disk(state)), 'meta': ocp.args.JsonSave(meta)}
+    if table is not None and self._table_item:
+      items['saf_table'] = ocp.args.StandardSave(table)
     if not self._state.save(step, args=ocp.args.Composite(**items)):
       raise CheckpointError(
         f'Orbax declined to save step {step} in {self.workdir!r}: it holds a checkpoint at '
@@ -305,7 +385,7 @@ class Checkpointer:
         'checkpoints_table/ was removed?); use a new --workdir.'
       )
     self._state.wait_until_finished()
-    if table is not None:
+    if self._table is not None:
       self._table.keep_only(self._state.all_steps())
 
   def meta(self, step: int) -> dict[str, Any]:
@@ -322,14 +402,15 @@ class Checkpointer:
 
   def restore(
     self, step: int, abstract_state: Any, abstract_table: dict[str, Any] | None
-  ) -> tuple[Any, dict[str, np.ndarray] | None, dict[str, Any]]:
+  ) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
     """Restores ``(state, table arrays or None, meta)`` saved at ``step``.
 
     Args:
       step: a saved step (see :meth:`latest_step`).
       abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with this run's shardings,
         which may differ from the saving run's: checkpoints hold whole arrays).
-      abstract_table: this process's ``LogitTable.state_dict()`` for SAF, else None.
+      abstract_table: this process's ``LogitTable.state_dict()`` for SAF with a host
+        table; a device table's abstract arrays (with shardings); else None.
 
     Raises:
       ValueError: if the saved arrays do not match the abstract ones (another model or
@@ -338,14 +419,19 @@ class Checkpointer:
     """
     table = None
     try:
-      if abstract_table is not None:
+      if abstract_table is not None and self._table is not None:
         table = self._table.restore(step, abstract_table)
-      restored = self._state.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_to_disk(abstract_state)), meta=ocp.args.JsonRestore()
-        ),
-      )
+      items = {
+        'state': ocp.args.StandardRestore(_to_disk(abstract_state)),
+        'meta': ocp.args.JsonRestore(),
+      }
+      if abstract_table is not None and self._table_item:
+        # Rows are padded to a multiple of the devices: on another device count the padding
+        # differs. Rows past the examples are never written or read, so pad or drop them.
+        items['saf_table'] = ocp.args.StandardRestore(abstract_table, strict=False)
+      restored = self._state.restore(step, args=ocp.args.Composite(**items))
+      if abstract_table is not None and self._table_item:
+        table = restored.saf_table
     except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
       if isinstance(e, (ValueError, TypeError, KeyError)) and not _looks_damaged(e):
         raise  # A structure or shape mismatch: the caller names the config.
@@ -367,82 +453,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self._state.close()
-
-
-# Storage dtypes that .npy has no code for, saved as same-width unsigned integers.
-_NPY_VIEWS = {np.dtype(ml_dtypes.bfloat16): np.dtype(np.uint16)}
-
-
-class _TableFiles:
-  """This process's SAF table checkpoints: ``checkpoints_table/process_<p>/<step>/*.npy``.
-
-  Written by one process alone, without any collective (Orbax's managers coordinate all
-  processes, and a per-process subset of them raced on its temporary directories in a
-  2-process test). Each step is written to a temporary directory and renamed into place,
-  so a step directory is always complete; arrays are read back memory-mapped, so a table
-  larger than RAM can be restored into a memory-mapped table.
-  """
-
-  def __init__(self, workdir: str):
-    self.directory = os.path.join(workdir, 'checkpoints_table', f'process_{jax.process_index()}')
-
-  def steps(self) -> list[int]:
-    if not os.path.isdir(self.directory):
-      return []
-    return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
-
-  def save(self, step: int, arrays: dict[str, np.ndarray]) -> None:
-    final = os.path.join(self.directory, str(step))
-    tmp = f'{final}.tmp'
-    os.makedirs(self.directory, exist_ok=True)
-    stale = [os.path.join(self.directory, n) for n in os.listdir(self.directory)]
-    stale = [path for path in stale if path.endswith('.tmp')]  # Left by a kill mid-save.
-    if os.path.exists(final):  # Left by a run killed before its state checkpoint landed.
-      stale.append(final)
-    for path in stale:
-      shutil.rmtree(path)
-    os.makedirs(tmp)
-    for name, array in arrays.items():
-      array = np.asarray(array)
-      with open(os.path.join(tmp, f'{name}.npy'), 'wb') as f:
-        np.save(f, array.view(_NPY_VIEWS.get(array.dtype, array.dtype)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, final)
-
-  def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Arrays like ``abstract``'s (same keys, shapes and dtypes), memory-mapped from disk.
-
-    Raises:
-      ValueError: if the saved keys, shapes or dtypes differ from ``abstract``'s.
-      FileNotFoundError: if a file is missing.
-    """
-    directory = os.path.join(self.directory, str(step))
-    saved = sorted(name[:-4] for name in os.listdir(directory) if name.endswith('.npy'))
-    if saved != sorted(abstract):
-      raise ValueError(
-        f'The SAF table saved at step {step} has arrays {saved}; this run needs '
-        f'{sorted(abstract)} (another config.method.saf.table_topk or table_dtype).'
-      )
-    arrays = {}
-    for name, like in abstract.items():
-      path = os.path.join(directory, f'{name}.npy')
-      try:
-        array = np.load(path, mmap_mode='r')
-      except ValueError as e:  # A truncated file or header: damaged, not another layout.
-        raise OSError(f'{path} is damaged: {e}') from e
-      want = np.dtype(like.dtype)
-      if array.dtype == _NPY_VIEWS.get(want, want):
-        array = array.view(want)
-      if array.shape != like.shape or array.dtype != want:
-        raise ValueError(
-          f'The SAF table array {name!r} saved at step {step} is {array.dtype} '
-          f'{array.shape}; this run needs {want} {like.shape}.'
-        )
-      arrays[name] = array
-    return arrays
-
-  def keep_only(self, steps) -> None:
-    """Deletes the table checkpoints whose state checkpoint Orbax has deleted."""
-    for step in set(self.steps()) - set(steps):
-      shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)

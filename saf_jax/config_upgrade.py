@@ -43,6 +43,10 @@ ADDED_FIELDS = {
   'input.shuffle_buffer': 16_384,
   'eval.ema_decay': 0.0,
   'eval.train_accuracy': False,
+  'steps_per_dispatch': 1,
+  'input.placement': 'host',
+  'method.saf.table_placement': 'host',
+  'mesh.device_memory_fraction': 0.25,
 }
 
 
@@ -75,6 +79,10 @@ def upgrade_config(config_dict: dict[str, Any]) -> dict[str, Any]:
                                                   ignores it).
   ``eval.ema_decay``                  2026-12-05  ``0.0``: no model EMA.
   ``eval.train_accuracy``             2026-12-05  ``False``: not measured.
+  ``steps_per_dispatch``              2026-12-06  ``1``: one step per call.
+  ``input.placement``                 2026-12-06  ``'host'``: the tf.data pipeline.
+  ``method.saf.table_placement``      2026-12-06  ``'host'``: the ``LogitTable``.
+  ``mesh.device_memory_fraction``     2026-12-06  ``0.25`` (read only by ``'auto'``).
   ==================================  ==========  =====================================
 
   ``distributed`` (how ``main.py`` starts the processes, never read from a stored config)

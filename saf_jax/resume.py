@@ -26,8 +26,11 @@ class Preemption:
   context manager; the previous SIGTERM handler is restored on exit.
   """
 
-  def __init__(self):
+  def __init__(self, steps_per_check: int = 1):
+    """``steps_per_check``: the steps between two calls of :meth:`requested`
+    (``config.steps_per_dispatch``): JAX's sync point counts calls, one per step id."""
     self.signal_received = False
+    self.steps_per_check = steps_per_check
     self._previous = None
 
   def __enter__(self) -> 'Preemption':
@@ -48,7 +51,10 @@ class Preemption:
     if jax.process_count() == 1:
       return self.signal_received
     try:
-      self.signal_received = multihost_utils.reached_preemption_sync_point(step)
+      # Every process asks after the same steps, one multiple of steps_per_check apart:
+      # the sync point must see consecutive ids, or it is never reached.
+      check = step // self.steps_per_check
+      self.signal_received = multihost_utils.reached_preemption_sync_point(check)
     except RuntimeError:  # The preemption service is off: only SIGKILL-safe checkpoints.
       self.signal_received = False
     return self.signal_received

@@ -10,34 +10,33 @@ pure; the resume position and SIGTERM handling are in ``saf_jax.resume``.
 """
 
 import dataclasses
-import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from absl import logging
 
 from saf_jax import (
   checkpoint,
+  device_input,
+  dispatch,
   evaluation,
   experiment,
   logit_table,
+  loop,
   metrics,
   resume,
-  sharding,
   train_state,
 )
 
+# The inner loop, where the benchmark and the tests call it too.
+run_steps, epoch_source = loop.run_steps, loop.epoch_source
+
 # How a call of train_and_evaluate ended (RunResult.status).
 FINISHED, PREEMPTED, ALREADY_DONE = 'finished', 'preempted', 'already_done'
-
-# Steps between a step's dispatch and the progress bar reading its loss: that loss is
-# already computed, so reading it does not stall the device queue.
-_PROGRESS_LAG_STEPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,83 +63,6 @@ class RunResult:
   wall_seconds: float
 
 
-def _with_targets(
-  batches: Iterator[dict[str, np.ndarray]], table: logit_table.LogitTable, epoch: int
-) -> Iterator[dict[str, np.ndarray]]:
-  """Adds SAF's targets to each host batch as it is pulled by the prefetcher."""
-  for batch in batches:
-    batch['target_logits'], batch['target_mask'] = table.gather(batch['index'], epoch=epoch)
-    yield batch
-
-
-def run_steps(
-  exp: experiment.Experiment,
-  state: train_state.TrainState,
-  host_batches: Iterator[dict[str, np.ndarray]],
-  *,
-  epoch: int,
-  table: logit_table.LogitTable | None,
-  num_steps: int | None = None,
-  desc: str | None = None,
-  stop: Callable[[int], bool] | None = None,
-) -> tuple[train_state.TrainState, list[dict[str, np.ndarray]], float]:
-  """Runs up to ``num_steps`` steps of epoch ``epoch`` over ``host_batches``.
-
-  For SAF each batch's targets are gathered from ``table`` when the prefetcher pulls it
-  (Algorithm 1, line 5) and the step's own logits (this process's rows) are written back
-  asynchronously (line 4); the table is flushed before returning. The training loop and
-  ``saf_jax.tools.benchmark`` both run their steps here, so the benchmark times exactly
-  the loop's work.
-
-  Args:
-    exp: the experiment.
-    state: the train state (donated to the first step).
-    host_batches: this process's local batches.
-    epoch: the epoch (picks the step with or without the trajectory loss).
-    table: SAF's logit table, or None.
-    num_steps: at most this many steps; all of ``host_batches`` if None.
-    desc: a progress bar's label; no bar if None.
-    stop: asked after each dispatched step with the number of steps taken; True ends the
-      run early (a preemption request) with the steps run so far.
-
-  Returns:
-    ``(state, per-step metrics as numpy scalars, seconds)``, where the time runs from the
-    first batch request until the last step's results are ready.
-  """
-  step_fns = exp.step_for(epoch)
-  first_step = int(jax.device_get(state.step))
-  if num_steps is not None:
-    host_batches = itertools.islice(host_batches, num_steps)
-  if table is not None:
-    host_batches = _with_targets(host_batches, table, epoch)
-  batches = sharding.prefetch_to_device(
-    host_batches, size=exp.config.input.prefetch, sharding=exp.batch_sharding
-  )
-  step_metrics = []
-  start = time.perf_counter()
-  bar = None
-  if desc is not None:
-    bar = tqdm.tqdm(batches, total=num_steps or exp.steps_per_epoch, desc=desc, leave=False)
-    batches = bar
-  for i, (host_batch, batch) in enumerate(batches):
-    state, step_out, logits = step_fns(first_step + i)(state, batch)
-    if table is not None:  # Algorithm 1, line 4.
-      table.write_async(host_batch['index'], sharding.local_rows(logits), epoch=epoch)
-    step_metrics.append(step_out)
-    lag = _PROGRESS_LAG_STEPS
-    if bar is not None and (i + 1) % exp.config.log_every_steps == 0 and i >= lag:
-      bar.set_postfix(loss=f'{float(step_metrics[-1 - lag]["loss"]):.4f}')
-    if stop is not None and stop(first_step + i + 1):
-      break
-  if bar is not None:
-    bar.close()
-  if table is not None:
-    table.flush()
-  jax.block_until_ready(state)
-  seconds = time.perf_counter() - start
-  return state, jax.device_get(step_metrics), seconds
-
-
 def _check_finite(step_metrics: list[dict[str, np.ndarray]], first_step: int) -> None:
   for i, m in enumerate(step_metrics):
     bad = [k for k, v in m.items() if not np.all(np.isfinite(v))]
@@ -162,7 +84,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   )
   checkpoint.check_workdir(config, workdir)
   datasets = data.create_datasets(config.input, seed=config.seed, process_count=jax.process_count())
-  exp = experiment.create(config, datasets.info)
+  exp = experiment.create(config, datasets.info, recorded_table=checkpoint.table_placement(workdir))
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
   probe = evaluation.sharpness_probe(exp, datasets)
   exp.check_table()
@@ -178,14 +100,18 @@ class _Run:
   workdir: str
   sharpness_probe: Callable | None
   ckpt: checkpoint.Checkpointer = None
-  table: logit_table.LogitTable | None = None
-  preemption: resume.Preemption = dataclasses.field(default_factory=resume.Preemption)
+  table: logit_table.LogitTable | dispatch.TableOnDevice | None = None
+  train_set: Any = None  # The device_input.DeviceTrainSet, with the data on the devices.
+  preemption: resume.Preemption = None
   state: train_state.TrainState | None = None
   position: resume.Position = dataclasses.field(default_factory=resume.Position)
   writers: list = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     self.evaluate = evaluation.evaluator(self.exp, self.datasets)
+    self.preemption = resume.Preemption(steps_per_check=self.exp.steps_per_dispatch)
+    if self.exp.data_on_device:
+      self.train_set = device_input.place(self.datasets, self.exp.replicated_sharding)
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -202,6 +128,7 @@ class _Run:
       workdir,
       max_to_keep=self.config.checkpoint.max_to_keep,
       with_table=exp.method.saf,
+      table_on_device=exp.placement.table == 'device',
       remove_unfinished=True,
     )
     newest = self.ckpt.latest_state_step()
@@ -211,21 +138,21 @@ class _Run:
         workdir,
         per_device=exp.per_device,
         num_devices=exp.mesh.size,
-        saf=exp.method.saf,
+        saf=exp.placement.table == 'host',  # A device table holds every process's rows.
       )
     latest = self.ckpt.latest_step()
     self.table = exp.new_table(workdir)  # A memory-mapped table's files are scratch, refilled.
     if self.table is not None:
-      logging.info(
-        'SAF logit table of process %d: %d rows, %.2f MiB on the host.',
-        jax.process_index(),
-        self.table.num_examples,
-        self.table.nbytes / 2**20,
-      )
+      where = 'the devices, in all' if exp.placement.table == 'device' else 'this process'
+      logging.info('SAF logit table on %s: %.2f MiB.', where, self.table.nbytes / 2**20)
     if latest is None:
       self.state = exp.init_state()
     else:
-      table_arrays = self.table.state_dict() if self.table else None
+      table_arrays = None
+      if isinstance(self.table, dispatch.TableOnDevice):
+        table_arrays = self.table.abstract()
+      elif self.table is not None:
+        table_arrays = self.table.state_dict()
       self.state, table_arrays, meta = self.ckpt.restore(latest, exp.abstract_state, table_arrays)
       if self.table is not None:
         self.table.load_state_dict(table_arrays)
@@ -247,6 +174,8 @@ class _Run:
     meta = self.position.to_meta(
       step=step, steps_per_epoch=self.exp.steps_per_epoch, num_devices=self.exp.mesh.size
     )
+    if self.table is not None:
+      meta['table_placement'] = self.exp.placement.table
     self.ckpt.save(step, self.state, self.table.state_dict() if self.table else None, meta)
     logging.info('Checkpoint at step %d: %.1f s.', step, time.perf_counter() - start)
 
@@ -260,23 +189,18 @@ class _Run:
     if self.position.epoch != epoch:
       self.position = resume.Position(epoch)
     position, every_steps = self.position, self.config.checkpoint.every_steps
-    exp.step_for(epoch)  # Compile outside the timed loop.
-    host_batches = self.datasets.train_epoch(
-      epoch,
-      batch_size=exp.local_batch_size,
-      start_batch=position.batches_done,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+    source = loop.epoch_source(
+      exp, self.datasets, self.train_set, epoch, start_batch=position.batches_done
     )
     while position.batches_done < spe:
       step = self.step
       num_steps = spe - position.batches_done
       if every_steps:
         num_steps = min(num_steps, every_steps - step % every_steps)
-      self.state, step_metrics, seconds = run_steps(
+      self.state, step_metrics, seconds = loop.run_steps(
         exp,
         self.state,
-        host_batches,
+        source,
         epoch=epoch,
         table=self.table,
         num_steps=num_steps,

@@ -35,6 +35,7 @@ TABLE_DTYPES = tuple(logit_table.layout.DTYPES)  # The storage the table impleme
 PERTURBATION_SCOPES = ('global', 'per_device')
 PARAM_SHARDINGS = ('replicated',)
 MODEL_DTYPES = ('float32', 'bfloat16')
+PLACEMENTS = ('auto', 'device', 'host')  # saf_jax.placement.PLACEMENTS, without importing JAX.
 
 
 class _Devices(NamedTuple):
@@ -124,6 +125,17 @@ _RULES = (
     cross_field=True,
   ),
   Rule('checkpoint.every_steps', int_at_least(0), 'an integer >= 0 (0 = only at epoch ends)'),
+  Rule('steps_per_dispatch', int_at_least(1), 'an integer >= 1'),
+  Rule(
+    'checkpoint.every_steps',
+    lambda x, config, devices: x % config.steps_per_dispatch == 0,
+    lambda config, devices: (
+      f'a multiple of steps_per_dispatch={config.steps_per_dispatch} (checkpoints are '
+      'saved between dispatches), or 0'
+    ),
+    cross_field=True,
+  ),
+  Rule('mesh.device_memory_fraction', lambda x: is_number(x) and 0 < x <= 1, 'a number in (0, 1]'),
   Rule('analysis.sharpness_every_epochs', int_at_least(0), 'an integer >= 0 (0 = off)'),
   _positive('analysis.rho'),
   Rule('analysis.sharpness_num_batches', int_at_least(1), 'an integer >= 1'),
@@ -145,6 +157,16 @@ _RULES_AFTER_INPUT = (
   Rule('input.num_train_examples', lambda x: is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
   Rule('input.num_test_examples', lambda x: is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
   Rule('input.prefetch', int_at_least(1), 'an integer >= 1'),
+  Rule('input.placement', one_of(PLACEMENTS), f'one of {list(PLACEMENTS)}'),
+  Rule(
+    'input.placement',
+    lambda x, config, devices: x != 'device' or config.input.dataset not in data.STREAMED_DATASETS,
+    lambda config, devices: (
+      f"'auto' or 'host' for the streamed dataset {config.input.dataset!r} (only datasets "
+      'held in memory fit the devices)'
+    ),
+    cross_field=True,
+  ),
   Rule('optimizer.name', one_of(OPTIMIZERS), f'one of {list(OPTIMIZERS)}'),
   Rule('optimizer.schedule', one_of(SCHEDULES), f'one of {list(SCHEDULES)}'),
   _positive('optimizer.lr'),
@@ -183,6 +205,15 @@ _TRAJECTORY_RULES = {
       'an integer >= 0 (0 = full logits; k = the k largest logits per example)',
     ),
     Rule('method.saf.table_memmap', lambda x: isinstance(x, bool), 'True or False'),
+    Rule('method.saf.table_placement', one_of(PLACEMENTS), f'one of {list(PLACEMENTS)}'),
+    Rule(
+      'method.saf.table_placement',
+      lambda x, config, devices: x != 'device' or not config.method.saf.table_memmap,
+      lambda config, devices: (
+        "'auto' or 'host' with method.saf.table_memmap=True (a memory-mapped table is on the host)"
+      ),
+      cross_field=True,
+    ),
   ),
   'mesa': (
     *_trajectory_loss_rules('mesa'),

@@ -42,6 +42,10 @@ OLD_VALUES = (
   ('input.shuffle_buffer', 16_384, 1024),
   ('eval.ema_decay', 0.0, 0.99),
   ('eval.train_accuracy', False, None),
+  ('steps_per_dispatch', 1, 2),
+  ('input.placement', 'host', None),
+  ('method.saf.table_placement', 'host', None),
+  ('mesh.device_memory_fraction', 0.25, None),
 )
 
 

@@ -71,6 +71,9 @@ OVERRIDES = (
 # Only wall-clock measurements may differ between the runs.
 _TIMING = re.compile(r'_sec$')
 _MESH_LINE = re.compile(r'Mesh \{.*\} over (\d+) devices\.')
+_PLACEMENT_LINE = re.compile(r'Placement: training set .* -> (\w+);.*SAF table .* -> (\w+)\.')
+# Both the data and SAF's table on the host: the run the device placement must equal.
+HOST = ('--config.input.placement=host', '--config.method.saf.table_placement=host')
 
 
 def _run(workdir, method, data_dir, *overrides, num_cpu_devices):
@@ -87,6 +90,7 @@ def _run(workdir, method, data_dir, *overrides, num_cpu_devices):
     'workdir': workdir,
     'records': test_main._records(workdir),
     'mesh_devices': [int(n) for n in mesh],
+    'placement': _PLACEMENT_LINE.findall(proc.stderr),
   }
 
 
@@ -94,7 +98,9 @@ def _run(workdir, method, data_dir, *overrides, num_cpu_devices):
 def runs(fashion_mnist_data_dir, tmp_path_factory):
   """``{(method, mesh.data): run}``, all under 8 forced CPU devices, plus ('sgd', 'single').
 
-  ('sgd', 'single') is a process with 1 CPU device and the default ``mesh.data=-1``.
+  ('sgd', 'single') is a process with 1 CPU device and the default ``mesh.data=-1``. The
+  default placement puts this small training set and SAF table on the devices; ('saf',
+  mesh.data, 'host') are the same SAF runs with both on the host.
   """
   result = {}
   with pytest.MonkeyPatch.context() as mp:
@@ -111,6 +117,30 @@ def runs(fashion_mnist_data_dir, tmp_path_factory):
           f'--config.mesh.data={data}',
           num_cpu_devices=NUM_DEVICES,
         )
+    for data in (1, NUM_DEVICES):
+      workdir = str(tmp_path_factory.mktemp(f'saf_{data}_host'))
+      result['saf', data, 'host'] = _run(
+        workdir,
+        'saf',
+        fashion_mnist_data_dir,
+        f'--config.mesh.data={data}',
+        *HOST,
+        num_cpu_devices=NUM_DEVICES,
+      )
+    # The data on the devices with the table on the host, and 4 steps per call.
+    for name, flags in (
+      ('mixed', ('--config.input.placement=device', '--config.method.saf.table_placement=host')),
+      ('k4', ('--config.steps_per_dispatch=4',)),
+    ):
+      workdir = str(tmp_path_factory.mktemp(f'saf_1_{name}'))
+      result['saf', 1, name] = _run(
+        workdir,
+        'saf',
+        fashion_mnist_data_dir,
+        '--config.mesh.data=1',
+        *flags,
+        num_cpu_devices=NUM_DEVICES,
+      )
     workdir = str(tmp_path_factory.mktemp('sgd_single'))
     result['sgd', 'single'] = _run(workdir, 'sgd', fashion_mnist_data_dir, num_cpu_devices=1)
   return result
@@ -156,7 +186,7 @@ def _assert_trees_close(tree, expected, name, *, atol_scale=0.0):
 
 def test_runs_use_the_requested_devices(runs):
   # Without this the comparison could pass by comparing two 1-device runs.
-  for (method, data), run in runs.items():
+  for (method, data, *_), run in runs.items():
     expected = 1 if data == 'single' else data
     assert run['mesh_devices'] == [expected], (method, data)
 
@@ -210,8 +240,46 @@ def test_mesh_of_one_device_is_the_single_device_run(runs, states):
 
 
 def test_config_json_records_the_mesh(runs):
-  for (method, data), run in runs.items():
+  for (method, data, *_), run in runs.items():
     with open(os.path.join(run['workdir'], 'config.json')) as f:
       config = json.load(f)
     assert config['method']['name'] == method
     assert config['mesh']['data'] == (-1 if data == 'single' else data)
+
+
+@pytest.mark.parametrize('data', [1, NUM_DEVICES])
+def test_saf_with_data_and_table_on_the_devices_equals_the_host_run(runs, states, data):
+  """The in-program batches and table give the host pipeline's and table's numbers."""
+  device, host = runs['saf', data], runs['saf', data, 'host']
+  assert device['placement'] == [('device', 'device')]
+  assert host['placement'] == [('host', 'host')]
+  records, expected = device['records'], host['records']
+  assert [r['epoch'] for r in records] == [r['epoch'] for r in expected]
+  for r, e in zip(records, expected, strict=True):
+    assert sorted(r) == sorted(e)
+    for key in sorted(e):
+      if not _TIMING.search(key):
+        np.testing.assert_allclose(r[key], e[key], rtol=0, atol=1e-6, err_msg=f'{key}')
+  assert records[-1]['train/trajectory_loss'] > 0
+  got, want = states(('saf', data)), states(('saf', data, 'host'))
+  for name in ('params', 'batch_stats'):
+    leaves = zip(
+      jax.tree.leaves(getattr(got, name)), jax.tree.leaves(getattr(want, name)), strict=True
+    )
+    for x, y in leaves:
+      np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_device_data_with_a_host_table_and_several_steps_per_call(runs, states):
+  """Device batches feeding a host table: the host run's numbers. 4 steps per call (one
+  unrolled program): the same steps, summed in another order, so close but not equal."""
+  host = runs['saf', 1, 'host']['records']
+  mixed, k4 = runs['saf', 1, 'mixed'], runs['saf', 1, 'k4']
+  assert mixed['placement'] == [('device', 'host')] and k4['placement'] == [('device', 'device')]
+  _assert_records_close(mixed['records'], host)
+  assert [r['step'] for r in k4['records']] == [r['step'] for r in host]
+  for r, e in zip(k4['records'], host, strict=True):
+    for key in sorted(e):
+      if not _TIMING.search(key):
+        np.testing.assert_allclose(r[key], e[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  assert [r['train/table_valid_fraction'] for r in k4['records']] == [0.0, 1.0, 1.0]

@@ -150,8 +150,7 @@ def test_resume_on_another_device_count(reference_runs, fashion_mnist_data_dir, 
   _main(workdir, 'method=saf,smoke', fashion_mnist_data_dir, *RUN, keep, num_cpu_devices=2)
   for step in checkpoint.saved_steps(workdir):
     if step > STEPS_PER_EPOCH:  # As if the 2-device run had stopped after epoch 1.
-      shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
-      shutil.rmtree(os.path.join(workdir, 'checkpoints_table', 'process_0', str(step)))
+      shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))  # With the device table.
   proc = _main(workdir, 'method=saf,smoke', fashion_mnist_data_dir, *RUN, keep, num_cpu_devices=1)
   assert f'Resumed at step {STEPS_PER_EPOCH} (epoch 1, batch {STEPS_PER_EPOCH})' in proc.stderr
   assert 'over 1 devices' in proc.stderr
@@ -198,13 +197,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fashion_mnist_data_di
 
 @pytest.mark.parametrize(
   'method, damaged',
-  [('mesa', 'checkpoints/{step}/state/manifest.ocdbt'), ('saf', 'table')],
+  [
+    ('mesa', 'checkpoints/{step}/state/manifest.ocdbt'),
+    ('saf', 'checkpoints/{step}/saf_table/manifest.ocdbt'),  # The table on the device.
+    ('saf', 'table'),  # The table on the host.
+  ],
 )
 def test_damaged_checkpoint_is_refused_and_nothing_changes(
   reference_runs, fashion_mnist_data_dir, tmp_path, method, damaged
 ):
   workdir = str(tmp_path / 'damaged')
-  shutil.copytree(reference_runs[method], workdir)
+  overrides = ()
+  if damaged == 'table':  # A host table's own run.
+    overrides = ('--config.method.saf.table_placement=host',)
+    _main(workdir, f'method={method},smoke', fashion_mnist_data_dir, *RUN, *overrides)
+  else:
+    shutil.copytree(reference_runs[method], workdir)
   latest = max(checkpoint.saved_steps(workdir))
   if damaged == 'table':  # A table file cut short, as by a full disk.
     path = os.path.join(workdir, 'checkpoints_table', 'process_0', str(latest), 'values.npy')
@@ -213,7 +221,9 @@ def test_damaged_checkpoint_is_refused_and_nothing_changes(
   else:
     os.remove(os.path.join(workdir, damaged.format(step=latest)))
   listing = sorted(os.walk(workdir))
-  proc = _main(workdir, f'method={method},smoke', fashion_mnist_data_dir, *RUN, check=False)
+  proc = _main(
+    workdir, f'method={method},smoke', fashion_mnist_data_dir, *RUN, *overrides, check=False
+  )
   assert proc.returncode != 0
   assert f'error: The checkpoint of step {latest} in' in proc.stderr
   assert 'cannot be read' in proc.stderr

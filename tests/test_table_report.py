@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from saf_jax import losses, train
+from saf_jax import checkpoint, losses, train
 from saf_jax.tools import table_report
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
@@ -54,8 +54,10 @@ def test_storage_error_on_the_runs_own_logits(saf_run):
   errors = report['errors']
   assert list(errors) == ['float32', 'bfloat16', 'int8', 'top-1', 'top-3', 'top-9']
   # The full loss is the trajectory loss of epoch-2 targets for epoch-3 logits.
-  saved = os.path.join(workdir, 'checkpoints_table', 'process_0', '24')
-  values = np.load(os.path.join(saved, 'values.npy'))
+  # The default placement keeps this small table on the device, in the checkpoint.
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_table'))
+  _, arrays = checkpoint.saved_table(workdir)
+  values = arrays['values']
   want = float(losses.trajectory_loss(values[1], values[0], temperature=config.method.saf.tau))
   for stats in errors.values():
     np.testing.assert_allclose(stats['trajectory_loss_full'], want, rtol=1e-5)
@@ -75,7 +77,9 @@ def test_storage_error_on_the_runs_own_logits(saf_run):
 
 
 def test_run_error_reads_an_int8_run(fashion_mnist_data_dir, tmp_path):
-  workdir, config = _train(fashion_mnist_data_dir, str(tmp_path), table_dtype='int8')
+  workdir, config = _train(
+    fashion_mnist_data_dir, str(tmp_path), table_dtype='int8', table_placement='host'
+  )
   report = table_report.run_error(workdir, [3], dtypes=('float32', 'int8'))
   assert report['table_dtype'] == 'int8' and report['num_examples'] == 512
   # The targets are the run's stored logits, dequantised: codes * row_scale + row_min.

@@ -3,6 +3,7 @@
 import json
 
 import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
@@ -45,17 +46,24 @@ class _FakeDatasets:
       }
 
 
-@pytest.mark.parametrize('prefetch', [1, 3])
-def test_run_steps_writes_each_examples_own_logits(prefetch):
+@pytest.mark.parametrize(
+  'prefetch,table_placement,steps_per_dispatch',
+  [(1, 'host', 1), (3, 'host', 1), (3, 'host', 2), (1, 'device', 1), (1, 'device', 2)],
+)
+def test_run_steps_writes_each_examples_own_logits(prefetch, table_placement, steps_per_dispatch):
   config = default.get_config('method=saf,smoke')
   config.input.batch_size = BATCH
   config.input.prefetch = prefetch
+  config.input.placement = 'host'  # The fake batches come from the host.
+  config.method.saf.table_placement = table_placement
+  config.steps_per_dispatch = steps_per_dispatch
   config.method.saf.E_start = 1
   config.method.saf.E_tilde = 2
   info = data.DatasetInfo(
     name='fake', num_train=NUM_TRAIN, num_test=0, num_classes=3, image_shape=(1, 1, 3)
   )
   exp = experiment.create(config, info, model=_EchoModel())
+  assert exp.placement.table == table_placement
   state, table, fake = exp.init_state(), exp.new_table(), _FakeDatasets()
   for epoch in (1, 2, 3, 4):
     state, metrics, _ = train.run_steps(
@@ -63,7 +71,7 @@ def test_run_steps_writes_each_examples_own_logits(prefetch):
     )
     seen = fake.orders[epoch]
     slot = epoch % 2
-    arrays = table.state_dict()
+    arrays = jax.device_get(table.state_dict())
     np.testing.assert_array_equal(arrays['values'][slot, seen], _encode(seen, epoch))
     np.testing.assert_array_equal(arrays['written_epoch'][slot, seen], epoch)
     # Valid targets in epoch e are the examples that were seen in epoch e - 2.
@@ -111,3 +119,69 @@ def test_a_position_round_trips_through_a_checkpoints_json_meta():
   assert resume.Position.after(meta, steps_per_epoch=5) == resume.Position(epoch=3)
   # Meta of checkpoints saved only at epoch ends has no batches_done.
   assert resume.Position.after({'epoch': 4}, steps_per_epoch=5) == resume.Position(epoch=5)
+
+
+class _DenseModel(nn.Module):
+  """Test-only linear classifier of the flattened pixels: nonzero gradients, fast compiles."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+def _steps(method, steps_per_dispatch, num_epochs=2, stop_after=None, looksam_k=2, **overrides):
+  """Trains ``method`` over _FakeDatasets' epochs; returns (state, per-step metrics, stops)."""
+  config = default.get_config(f'method={method},smoke')
+  config.input.batch_size = BATCH // 2  # 5 steps per epoch of 10 examples: k = 5 divides.
+  config.input.placement = 'host'
+  config.steps_per_dispatch = steps_per_dispatch
+  config.method.looksam.k = looksam_k
+  for field, value in overrides.items():
+    config.method.saf[field] = value
+  info = data.DatasetInfo(
+    name='fake', num_train=NUM_TRAIN, num_test=0, num_classes=3, image_shape=(1, 1, 3)
+  )
+  exp = experiment.create(config, info, model=_DenseModel())
+  state, table, fake = exp.init_state(), exp.new_table(), _FakeDatasets()
+  metrics, asked = [], []
+
+  def stop(step):
+    asked.append(step)
+    return stop_after is not None and step >= stop_after
+
+  for epoch in range(1, num_epochs + 1):
+    batches = fake.train_epoch(epoch, batch_size=BATCH // 2)
+    state, step_metrics, _ = train.run_steps(
+      exp, state, batches, epoch=epoch, table=table, stop=stop
+    )
+    metrics += step_metrics
+  return jax.device_get(state), metrics, asked
+
+
+@pytest.mark.parametrize('method, looksam_k', [('looksam', 2), ('looksam', 5), ('saf', 2)])
+def test_several_steps_per_call_train_as_one_step_per_call(method, looksam_k):
+  # LookSAM against two programs chosen by step number (k = 1): with looksam.k = 2 one
+  # program decides SAM or reuse in the graph; with looksam.k = 5 the 5 steps of a call
+  # are its SAM step and 4 reuse steps in place. SAF: its host table written once per call.
+  # SAF with E_tilde = 1: epoch 2 (trajectory loss on) reads every row epoch 1 wrote.
+  kwargs = {'E_tilde': 1, 'looksam_k': looksam_k}
+  (one, m1, asked1), (five, m5, asked5) = _steps(method, 1, **kwargs), _steps(method, 5, **kwargs)
+  assert int(one.step) == int(five.step) == 10
+  assert asked1 == list(range(1, 11)) and asked5 == [5, 10]  # SIGTERM checks between calls.
+  assert len(m1) == len(m5) == 10
+  for a, b in zip(m1, m5, strict=True):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(five.params), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  if method == 'saf':
+    assert [m['table_valid_fraction'] for m in m5] == [0.0] * 5 + [1.0] * 5
+    assert all(m['trajectory_loss'] > 0 for m in m5[5:])
+  if method == 'looksam':  # The SAM steps (0, 2, 4, ...) moved the params unlike SGD's.
+    sgd, _, _ = _steps('sgd', 1, looksam_k=looksam_k)
+    assert not np.allclose(jax.tree.leaves(sgd.params)[0], jax.tree.leaves(one.params)[0])
+
+
+def test_a_stop_request_ends_the_run_after_the_current_call():
+  state, metrics, asked = _steps('sgd', 5, num_epochs=1, stop_after=1)
+  assert asked == [5] and len(metrics) == 5 and int(state.step) == 5

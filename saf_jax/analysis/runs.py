@@ -117,6 +117,8 @@ def load_run(workdir: str, *, epoch: int | None = None, data_dir: str | None = N
   check_loadable(workdir, epoch=epoch)
   config = ml_collections.ConfigDict(read_config(workdir))
   config.mesh.data = -1
+  # Analysis reads host batches and no table: nothing to place on the devices.
+  config.input.placement = config.method.saf.table_placement = 'host'
   if data_dir is not None:
     config.input.data_dir = data_dir
   try:

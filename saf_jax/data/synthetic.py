@@ -38,9 +38,17 @@ class SyntheticDatasets:
     self._rng = np.random.default_rng(seed)
     self._pool = self._rng.normal(size=(1024, *shape)).astype(np.float32)
 
-  def train_epoch(self, epoch, *, batch_size):
+  def train_epoch(self, epoch, *, batch_size, start_batch=0, process_index=0, process_count=1):
+    """Batches of ``batch_size`` of one epoch, from ``start_batch`` on (one process only).
+
+    Raises:
+      ValueError: for ``process_count > 1`` (the synthetic set is for one process).
+    """
+    if process_count != 1 or process_index != 0:
+      raise ValueError(f'--synthetic runs one process, got process_count={process_count}.')
     ids = np.random.default_rng(epoch).permutation(self.info.num_train).astype(np.int32)
-    for start in range(0, len(ids) - batch_size + 1, batch_size):
+    first = start_batch * batch_size
+    for start in range(first, len(ids) - batch_size + 1, batch_size):
       rows = self._rng.integers(0, len(self._pool), batch_size)
       yield {
         'image': self._pool[rows],

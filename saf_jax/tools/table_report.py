@@ -18,9 +18,7 @@ Run::
 """
 
 import json
-import os
 
-import ml_dtypes
 import numpy as np
 from absl import app, flags
 
@@ -71,13 +69,14 @@ def imagenet_bytes(*, E_tilde: int, topk: int, processes: int) -> list[dict]:
 def run_error(
   workdir: str, ks: list[int], dtypes: tuple[str, ...] = ('float32', 'bfloat16', 'int8')
 ) -> dict:
-  """Each layout's error on the last table saved by process 0 of the SAF run in ``workdir``.
+  """Each layout's error on the last table saved by the SAF run in ``workdir``.
 
   The saved table is read back as the run stored it (``config.method.saf.table_dtype``),
   so those logits are the "full" targets every layout is measured against.
 
   Args:
-    workdir: a SAF run's workdir, with ``config.json`` and ``checkpoints_table/``.
+    workdir: a SAF run's workdir, with ``config.json`` and a saved table
+      (``checkpoint.saved_table``: on the host or the devices).
     ks: top-k sizes to measure (float32 values), each in [1, num_classes).
     dtypes: full-storage dtypes to measure, each 'float32', 'bfloat16' or 'int8'.
 
@@ -92,24 +91,11 @@ def run_error(
   """
   with open(checkpoint.config_path(workdir)) as f:
     config = config_upgrade.upgrade_config(json.load(f))
-  directory = os.path.join(workdir, 'checkpoints_table', 'process_0')
-  steps = (
-    sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(directory) else []
-  )
-  if not steps:
-    raise ValueError(f'{workdir!r} has no SAF table under checkpoints_table/process_0.')
-  saved = os.path.join(directory, str(steps[-1]))
-  if not os.path.exists(os.path.join(saved, 'values.npy')):
+  saved, arrays = checkpoint.saved_table(workdir)
+  if 'values' not in arrays:
     raise ValueError(f'The table in {saved!r} is not stored as full logits (table_topk > 0).')
-  arrays = {
-    name[: -len('.npy')]: np.load(os.path.join(saved, name))
-    for name in os.listdir(saved)
-    if name.endswith('.npy')
-  }
   saf = config['method']['saf']
   table_dtype = saf['table_dtype']
-  if table_dtype == 'bfloat16':  # Saved as its bit pattern.
-    arrays['values'] = arrays['values'].view(ml_dtypes.bfloat16)
   E_tilde, num, num_classes = arrays['values'].shape
   table = logit_table.LogitTable(num, num_classes, E_tilde=E_tilde, dtype=table_dtype)
   table.load_state_dict(arrays)

@@ -77,7 +77,7 @@ def looksam(
   Returns:
     A gradient transformation; ``update(grads, state, params, *, grad_fn,
     sam_step=None)``. A ``sam_step`` passed in is trusted to equal ``count % k == 0``
-    (not checked in the graph); ``experiment.Experiment.step_for`` derives it from
+    (not checked in the graph); ``experiment.Experiment.dispatch_for`` derives it from
     ``state.step``, which advances with ``count``.
 
   Raises:
