@@ -5,15 +5,12 @@ by the global step and each committed atomically (written to a temporary directo
 renamed):
 
 * ``checkpoints/<step>/``, written by all processes together through one Orbax
-  ``CheckpointManager``: ``state`` (the whole
-  ``TrainState``: step, params, batch_stats, opt_state, MESA's EMA params and stats) and
-  ``meta`` (JSON: epoch, batches of that epoch done, step, device and process counts, and
-  the per-step train metrics of an unfinished epoch).
+  ``CheckpointManager``: ``state`` (the whole ``TrainState``), ``meta`` (JSON: epoch,
+  batches of it done, step, device and process counts, an unfinished epoch's per-step
+  metrics, where SAF's table was) and, for a table on the devices, ``saf_table`` (every
+  example's rows, saved sharded).
 * ``checkpoints_table/process_<p>/<step>/``, SAF with its table on the host only, written
-  by process ``p`` alone as ``.npy`` files: the rows of its partition of the logit table
-  with their written epochs. A table on the devices is instead the ``saf_table`` item of
-  ``checkpoints/<step>/`` (the same arrays, every example's rows, saved sharded by Orbax),
-  and ``meta`` records where the table was (``table_placement``).
+  by process ``p`` alone as ``.npy`` files: its partition's rows and written epochs.
 
 A host table is saved before the state, so a step with a ``state`` has every process's
 table too; :meth:`Checkpointer.latest_step` returns the newest step that is complete for
@@ -174,9 +171,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def table_placement(workdir: str) -> str | None:
   """Where the newest checkpoint of ``workdir`` keeps SAF's table: 'device', 'host' or None.
 
-  Its ``meta`` says (``table_placement``); 'host' for a checkpoint saved before tables could
-  be on the devices, None without a checkpoint. Reads the meta file alone (no Orbax
-  manager, so no collective: every process may call it at any time); changes nothing.
+  Its ``meta`` says; 'host' for one saved before tables could be on the devices. Reads the
+  meta file alone: no Orbax manager, so no collective, and nothing changes.
 
   Raises:
     CheckpointError: if the newest checkpoint's meta cannot be read.
@@ -200,9 +196,8 @@ def table_placement(workdir: str) -> str | None:
 def saved_table(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
   """The newest saved SAF table of ``workdir``, as NumPy arrays, wherever it was kept.
 
-  Reads process 0's files under ``checkpoints_table/`` (a host table: that process's
-  partition of the rows) or the ``saf_table`` item of the newest checkpoint (a device
-  table: every example's rows, plus padding rows never written). Changes nothing.
+  Process 0's files under ``checkpoints_table/`` (a host table: that process's rows), or
+  the newest checkpoint's ``saf_table`` item (a device table: every example's rows).
 
   Returns:
     ``(where it was read from, {array name: array})``, the arrays of

@@ -68,9 +68,9 @@ def device_memory_bytes() -> tuple[int, str]:
   else:
     ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     memory, what = ram // jax.local_device_count(), 'host RAM / local CPU devices'
-  if jax.process_count() > 1:
-    memory = int(np.min(multihost_utils.process_allgather(np.int64(memory))))
-    what += ', smallest over the processes'
+  if jax.process_count() > 1:  # In MiB: JAX's default int32 holds no byte count of GPUs.
+    mib = multihost_utils.process_allgather(np.int32(memory // 2**20))
+    memory, what = int(np.min(mib)) * 2**20, what + ', smallest over the processes'
   return memory, what
 
 
