@@ -87,7 +87,7 @@ class Experiment:
   @property
   def table_sharding(self) -> jax.sharding.NamedSharding:
     """A device table's arrays [E_tilde, rows, ...]: rows split over 'data'."""
-    return jax.sharding.NamedSharding(self.mesh, P(None, 'data'))
+    return sharding.data_sharded(self.mesh, axis=1)
 
   @property
   def steps_per_dispatch(self) -> int:
@@ -244,13 +244,13 @@ class Experiment:
     """Per-step arrays of one call, [B, ...] or [k, B, ...]: the batch rows over 'data'."""
     if self.steps_per_dispatch == 1:
       return self.batch_sharding
-    return jax.sharding.NamedSharding(self.mesh, P(None, 'data'))
+    return sharding.data_sharded(self.mesh, axis=1)
 
   def _inputs_sharding(self) -> Any:
     """The sharding (a pytree prefix) of a dispatch's ``inputs``."""
     if not self.data_on_device:
       return self.targets_sharding
-    plan = jax.sharding.NamedSharding(self.mesh, P(None, 'data'))
+    plan = sharding.data_sharded(self.mesh, axis=1)
     replicated = self.replicated_sharding
     spec = {'train_set': replicated, 'plan': plan, 'first': replicated}
     if self.method.saf and self.placement.table == 'host':

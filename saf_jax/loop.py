@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
-from jax.sharding import PartitionSpec as P
 
 from saf_jax import device_input, dispatch, experiment, logit_table, sharding, train_state
 
@@ -91,7 +90,7 @@ def epoch_source(
   if np.any(ids[:, 1:] == ids[:, :-1]):
     raise ValueError(f'Example ids within one batch of epoch {epoch} must be distinct.')
   host_index = plan['index']
-  plan = jax.device_put(plan, jax.sharding.NamedSharding(exp.mesh, P(None, 'data')))
+  plan = jax.device_put(plan, sharding.data_sharded(exp.mesh, axis=1))
   return dispatch.DeviceFeed(train_set, plan, start_batch, len(ids), host_index)
 
 

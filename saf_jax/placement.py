@@ -148,15 +148,18 @@ def resolve(
   )
   table = None
   if saf:
-    table = _resolve_table(config, info, num_devices, recorded_table, used, budget, memory_bytes)
     per_device = device_table(config, info, num_devices).nbytes() // num_devices
+    table = _resolve_table(
+      config, num_devices, per_device, recorded_table, used, budget, memory_bytes
+    )
     summary += f'; SAF table {_gb(per_device)} per device -> {table}'
   placement = Placement(data=data, table=table, summary=summary)
   logging.info('Placement: %s.', summary)
   return placement
 
 
-def _resolve_table(config, info, num_devices, recorded, used, budget, memory_bytes) -> str:
+def _resolve_table(config, num_devices, per_device, recorded, used, budget, memory_bytes) -> str:
+  """The table's placement; ``per_device``: its bytes on each of the ``num_devices``."""
   wanted = config.method.saf.table_placement
   if recorded is not None and wanted not in ('auto', recorded):
     raise ValueError(
@@ -164,7 +167,6 @@ def _resolve_table(config, info, num_devices, recorded, used, budget, memory_byt
       f'workdir (its checkpoint keeps the SAF table on the {recorded}), got {wanted!r}; or use '
       'a new --workdir.'
     )
-  per_device = device_table(config, info, num_devices).nbytes() // num_devices
   chosen = recorded or wanted
   if chosen == 'device' and used + per_device > memory_bytes:
     field, advice = "config.method.saf.table_placement='device'", "use 'host' or 'auto'"

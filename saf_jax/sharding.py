@@ -75,9 +75,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def data_sharded(mesh: Mesh) -> NamedSharding:
-  """Splits the leading (batch) dimension over 'data'."""
-  return NamedSharding(mesh, P('data'))
+def data_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """Splits dimension ``axis`` over 'data': 0 for a batch, 1 for arrays with a leading axis
+  before the examples (``k`` steps of batches, an epoch's plan, SAF's table slots)."""
+  return NamedSharding(mesh, P(*[None] * axis, 'data'))
 
 
 def prefetch_to_device(
