@@ -3,7 +3,7 @@
 A workdir's ``config.json`` records its run's config as it was then. A field added since
 is missing from it, but the code of that time behaved as if it had one value, the one
 :func:`upgrade_config` fills in. Every reader of a stored config upgrades it first
-(``checkpoint.check_workdir``, ``analysis.runs``), so they all agree on what an old run
+(``guard.check_config``, ``analysis.runs``), so they all agree on what an old run
 did.
 """
 

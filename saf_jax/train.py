@@ -25,6 +25,7 @@ from saf_jax import (
   dispatch,
   evaluation,
   experiment,
+  guard,
   logit_table,
   loop,
   metrics,
@@ -82,7 +83,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   validation.validate_config(
     config, num_devices=jax.device_count(), num_processes=jax.process_count()
   )
-  checkpoint.check_workdir(config, workdir)
+  guard.check_config(config, workdir)
   datasets = data.create_datasets(config.input, seed=config.seed, process_count=jax.process_count())
   exp = experiment.create(config, datasets.info, recorded_table=checkpoint.table_placement(workdir))
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
@@ -163,7 +164,7 @@ class _Run:
       )
     if jax.process_index() == 0:  # One writer of the shared workdir's files.
       done_epochs = self.position.epoch - 1
-      checkpoint.write_config(self.config, workdir)
+      guard.write_config(self.config, workdir)
       self.writers = [
         metrics.JsonlWriter(workdir, keep_epochs_up_to=done_epochs),
         metrics.TensorBoardWriter(workdir, keep_steps_up_to=done_epochs * exp.steps_per_epoch),

@@ -17,7 +17,7 @@ from matplotlib import image as mpimg
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from saf_jax import checkpoint, metrics
+from saf_jax import checkpoint, guard, metrics
 from saf_jax.analysis import landscape, runs, sharpness
 from tests import conftest, test_config_upgrade
 from tests.test_main import _main, _records
@@ -561,7 +561,7 @@ def test_curves_say_which_landscape_is_missing(workdirs, tmp_path):
 
 def test_workdir_with_only_mid_epoch_checkpoints_says_so(tmp_path):
   """A run stopped by SIGTERM in its first epoch has checkpoints, none at an epoch's end."""
-  checkpoint.write_config(default.get_config('method=sgd,smoke'), str(tmp_path))
+  guard.write_config(default.get_config('method=sgd,smoke'), str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
   meta = {'epoch': 1, 'batches_done': 3, 'steps_per_epoch': 8, 'step': 3}
   ckpt.save(3, {'x': np.zeros(2, np.float32)}, None, meta)

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from configs import default
-from saf_jax import checkpoint, config_upgrade, validation
+from saf_jax import config_upgrade, guard, validation
 from saf_jax.analysis import runs
 
 # (field, the value a run written before the field existed used, another value: refused on
@@ -71,7 +71,7 @@ def delete_field(tree, field):
 
 def _write_old_config(workdir, fields):
   """The smoke SAF config as config.json, without ``fields`` (as an earlier version wrote)."""
-  checkpoint.write_config(default.get_config('method=saf,smoke'), str(workdir))
+  guard.write_config(default.get_config('method=saf,smoke'), str(workdir))
   path = workdir / 'config.json'
   old = json.loads(path.read_text())
   for field in fields:
@@ -120,13 +120,13 @@ def test_resume_reads_a_missing_field_as_its_old_value(tmp_path, field, old_valu
   _write_old_config(tmp_path, [field])
   config = default.get_config('method=saf,smoke')
   _set(config, field, old_value)
-  checkpoint.check_workdir(config, str(tmp_path))
+  guard.check_config(config, str(tmp_path))
   if other is not None:
     _set(config, field, other)
     with pytest.raises(
       ValueError, match=f'{field}: workdir has {old_value!r}, config has {other!r}'
     ):
-      checkpoint.check_workdir(config, str(tmp_path))
+      guard.check_config(config, str(tmp_path))
 
 
 @pytest.mark.parametrize('field, old_value, other', OLD_VALUES)
@@ -143,4 +143,4 @@ def test_a_workdir_of_the_first_version_resumes_with_its_command(tmp_path):
   for name in ('sam', 'asam', 'gsam', 'looksam', 'esam'):
     del old['method'][name]
   (tmp_path / 'config.json').write_text(json.dumps(old))
-  checkpoint.check_workdir(default.get_config('method=saf,smoke'), str(tmp_path))
+  guard.check_config(default.get_config('method=saf,smoke'), str(tmp_path))

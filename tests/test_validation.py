@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from configs import default
-from saf_jax import checkpoint, validation
+from saf_jax import guard, validation
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_config_argument_errors():
 
 def test_incompatible_workdir_is_refused(tmp_path):
   config = default.get_config('method=saf,smoke')
-  checkpoint.write_config(config, str(tmp_path))
+  guard.write_config(config, str(tmp_path))
   before = (tmp_path / 'config.json').read_text()
   other = default.get_config('method=saf,smoke')
   other.method.saf.E_tilde = 3
@@ -171,26 +171,26 @@ def test_incompatible_workdir_is_refused(tmp_path):
   with pytest.raises(
     ValueError, match=r'(?s)method.saf.E_tilde: workdir has 2, config has 3.*model.width'
   ):
-    checkpoint.check_workdir(other, str(tmp_path))
+    guard.check_config(other, str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == before
   # Fields that do not change training may differ (a resumed run may evaluate less often).
   same = default.get_config('method=saf,smoke')
   same.eval.every_epochs = 2
-  checkpoint.check_workdir(same, str(tmp_path))
+  guard.check_config(same, str(tmp_path))
 
 
 def test_workdir_of_a_release_without_newer_fields_is_accepted(tmp_path):
   """A config.json written before method.saf.table_topk existed resumes as table_topk=0."""
   config = default.get_config('method=saf,smoke')
-  checkpoint.write_config(config, str(tmp_path))
+  guard.write_config(config, str(tmp_path))
   path = tmp_path / 'config.json'
   old = json.loads(path.read_text())
   del old['method']['saf']['table_topk']
   path.write_text(json.dumps(old))
-  checkpoint.check_workdir(config, str(tmp_path))
+  guard.check_config(config, str(tmp_path))
   config.method.saf.table_topk = 3
   with pytest.raises(ValueError, match='method.saf.table_topk: workdir has 0, config has 3'):
-    checkpoint.check_workdir(config, str(tmp_path))
+    guard.check_config(config, str(tmp_path))
 
 
 def _smoke_config_with_analysis(**fields):
@@ -272,13 +272,13 @@ def test_train_accuracy_is_refused_for_streamed_imagenet():
 def test_a_changed_model_ema_is_refused_on_resume_but_eval_fields_are_free(tmp_path):
   """The model EMA is part of the checkpointed state; how often to evaluate is not."""
   config = default.get_config()
-  checkpoint.write_config(config, str(tmp_path))
+  guard.write_config(config, str(tmp_path))
   config.eval.every_epochs = 3
   config.eval.train_accuracy = True
-  checkpoint.check_workdir(config, str(tmp_path))
+  guard.check_config(config, str(tmp_path))
   config.eval.ema_decay = 0.99
   with pytest.raises(ValueError, match=r'eval.ema_decay: workdir has 0.0, config has 0.99'):
-    checkpoint.check_workdir(config, str(tmp_path))
+    guard.check_config(config, str(tmp_path))
   # A config.json written before the field existed resumes with the model EMA off.
   with open(tmp_path / 'config.json') as f:
     old = json.load(f)
@@ -286,7 +286,7 @@ def test_a_changed_model_ema_is_refused_on_resume_but_eval_fields_are_free(tmp_p
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(old, f)
   config.eval.ema_decay = 0.0
-  checkpoint.check_workdir(config, str(tmp_path))
+  guard.check_config(config, str(tmp_path))
 
 
 def _int_fields(config, prefix=''):

@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 from jax.flatten_util import ravel_pytree
 
-from saf_jax import checkpoint, config_upgrade, methods
+from saf_jax import checkpoint, config_upgrade, guard, methods
 from saf_jax.analysis import landscape, plots, sharpness
 
 WEIGHTS = ('params', 'ema')
@@ -384,7 +384,7 @@ def read_config(workdir: str) -> dict[str, Any]:
   Raises:
     ValueError: if ``workdir`` has no ``config.json``.
   """
-  path = checkpoint.config_path(workdir)
+  path = guard.config_path(workdir)
   if not os.path.exists(path):
     raise ValueError(f'{workdir!r} has no config.json: not a saf_jax workdir (main.py writes one).')
   with open(path) as f:

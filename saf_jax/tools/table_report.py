@@ -22,7 +22,7 @@ import json
 import numpy as np
 from absl import app, flags
 
-from saf_jax import checkpoint, config_upgrade, logit_table
+from saf_jax import checkpoint, config_upgrade, guard, logit_table
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_CLASSES = 1000
@@ -89,7 +89,7 @@ def run_error(
     ValueError: if the run has no saved full-logit SAF table with two written epochs, or
       on a ``k`` or dtype that ``logit_table.storage_error`` rejects.
   """
-  with open(checkpoint.config_path(workdir)) as f:
+  with open(guard.config_path(workdir)) as f:
     config = config_upgrade.upgrade_config(json.load(f))
   saved, arrays = checkpoint.saved_table(workdir)
   if 'values' not in arrays:
