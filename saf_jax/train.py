@@ -9,6 +9,7 @@ evaluation, metrics, checkpoint) and ``_report``. Steps, losses, transforms and 
 pure; the resume position and SIGTERM handling are in ``saf_jax.resume``.
 """
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -74,8 +75,22 @@ def _check_finite(step_metrics: list[dict[str, np.ndarray]], first_step: int) ->
       )
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: str):
-  """Every check that can refuse the run, the data and the ``Experiment``; writes nothing."""
+def _nonfinite_leaves(state: train_state.TrainState, finite: Callable) -> list[str]:
+  """The paths of ``state``'s float leaves that hold a NaN or an inf (``finite``: the
+  compiled per-leaf check, replicated)."""
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  leaves = [(p, x) for p, x in leaves if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  flags = jax.device_get(finite([x for _, x in leaves]))
+  return [
+    jax.tree_util.keystr(p, simple=True, separator='/')
+    for (p, _), ok in zip(leaves, flags, strict=True)
+    if not ok
+  ]
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack):
+  """Every check that can refuse the run, the data and the ``Experiment``; takes the
+  workdir's lock (held until ``stack`` closes) and writes nothing else."""
   # Imported here so that the rest of this module (run_steps) works without TensorFlow,
   # e.g. with another data loader or in `benchmark --synthetic`.
   from saf_jax import data, validation
@@ -83,8 +98,11 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   validation.validate_config(
     config, num_devices=jax.device_count(), num_processes=jax.process_count()
   )
+  guard.check_writable(workdir)
+  stack.enter_context(guard.lock(workdir))
   guard.check_config(config, workdir)
   datasets = data.create_datasets(config.input, seed=config.seed, process_count=jax.process_count())
+  guard.check_dataset(workdir, datasets.info)
   exp = experiment.create(config, datasets.info, recorded_table=checkpoint.table_placement(workdir))
   logging.info('Mesh %s over %d devices.', dict(exp.mesh.shape), exp.mesh.size)
   probe = evaluation.sharpness_probe(exp, datasets)
@@ -111,6 +129,10 @@ class _Run:
   def __post_init__(self):
     self.evaluate = evaluation.evaluator(self.exp, self.datasets)
     self.preemption = resume.Preemption(steps_per_check=self.exp.steps_per_dispatch)
+    self._finite = jax.jit(
+      lambda leaves: [jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves],
+      out_shardings=self.exp.replicated_sharding,
+    )
     if self.exp.data_on_device:
       self.train_set = device_input.place(self.datasets, self.exp.replicated_sharding)
 
@@ -164,14 +186,28 @@ class _Run:
       )
     if jax.process_index() == 0:  # One writer of the shared workdir's files.
       done_epochs = self.position.epoch - 1
-      guard.write_config(self.config, workdir)
+      guard.write_config(self.config, workdir, exp.info)
       self.writers = [
         metrics.JsonlWriter(workdir, keep_epochs_up_to=done_epochs),
         metrics.TensorBoardWriter(workdir, keep_steps_up_to=done_epochs * exp.steps_per_epoch),
       ]
 
   def save(self) -> None:
+    """Saves a checkpoint of the state, the table and the position, if the state is finite.
+
+    Raises:
+      FloatingPointError: if a leaf of the state (params, batch_stats, opt_state, an EMA)
+        holds a NaN or an inf: nothing is saved, so rotation never deletes the newest
+        finite checkpoint for a non-finite one.
+    """
     start, step = time.perf_counter(), self.step
+    bad = _nonfinite_leaves(self.state, self._finite)
+    if bad:
+      shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
+      raise FloatingPointError(
+        f'Non-finite state at step {step}; training stopped without saving it ({shown} hold '
+        'a NaN or inf). The last checkpoint in the workdir is finite and untouched.'
+      )
     meta = self.position.to_meta(
       step=step, steps_per_epoch=self.exp.steps_per_epoch, num_devices=self.exp.mesh.size
     )
@@ -274,15 +310,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     A ``RunResult``: how the call ended, and the last epoch's metrics record.
 
   Raises:
-    ValueError: an invalid config field, or a workdir holding an incompatible run; raised
-      before any compilation and before anything is written.
-    checkpoint.CheckpointError: the latest checkpoint's files are missing or damaged.
+    ValueError: an invalid config field; a workdir that is not writable, is in use by
+      another run (``guard.lock``), holds an incompatible run or one on a dataset of
+      another shape; raised before any compilation and before anything is written.
+    checkpoint.CheckpointError: the latest checkpoint's files are missing or damaged, or
+      a save failed (e.g. a full disk; its temporary files removed).
     DataNotFoundError: when the dataset is neither prepared nor obtainable.
-    FloatingPointError: on a non-finite loss or gradient (names the step); the last
-      checkpoint saved before it is kept as it was.
+    FloatingPointError: on a non-finite loss or gradient, or a non-finite leaf of the
+      state to be saved (names the step); the last checkpoint saved before it, finite, is
+      kept as it was.
   """
-  wall_start = time.perf_counter()
-  exp, datasets, probe = _prepare(config, workdir)
+  with contextlib.ExitStack() as stack:
+    return _train_and_evaluate(config, workdir, stack, time.perf_counter())
+
+
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack, wall_start: float
+) -> RunResult:
+  """``train_and_evaluate``'s body, with the workdir's lock held until ``stack`` closes."""
+  exp, datasets, probe = _prepare(config, workdir, stack)
   run = _Run(exp, datasets, workdir, probe)
   run.restore()
   record: dict[str, Any] = {}

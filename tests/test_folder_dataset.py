@@ -100,3 +100,30 @@ def test_saf_trains_on_a_folder(tmp_path):
   assert 0.0 <= record['test/accuracy'] <= 1.0
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['input']['dataset'] == f'folder:{root}'
+
+
+@pytest.mark.parametrize('method', ['saf', 'mesa'])
+def test_a_folder_that_gains_a_class_is_refused_by_its_workdir(tmp_path, method):
+  root = _folder(tmp_path / 'data', per_class=(8, 4), size=16)
+  config = _input(root, batch_size=8, eval_batch_size=8, image_size=16)
+  config.method.name = method
+  config.num_epochs = 1
+  config.analysis.sharpness_every_epochs = 0
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  for split in ('train', 'test'):
+    for j in range(8):
+      _write(os.path.join(root, split, 'dog', f'img{j}.png'), np.zeros((16, 16, 3), np.uint8))
+  before = {
+    os.path.join(d, n): os.path.getsize(os.path.join(d, n))
+    for d, _, names in os.walk(workdir)
+    for n in names
+  }
+  with pytest.raises(ValueError, match=r'has 3 classes, this run has 4 classes: its dataset'):
+    train.train_and_evaluate(config, workdir)
+  after = {
+    os.path.join(d, n): os.path.getsize(os.path.join(d, n))
+    for d, _, names in os.walk(workdir)
+    for n in names
+  }
+  assert after == before

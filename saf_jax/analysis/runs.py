@@ -387,8 +387,7 @@ def read_config(workdir: str) -> dict[str, Any]:
   path = guard.config_path(workdir)
   if not os.path.exists(path):
     raise ValueError(f'{workdir!r} has no config.json: not a saf_jax workdir (main.py writes one).')
-  with open(path) as f:
-    return config_upgrade.upgrade_config(json.load(f))
+  return config_upgrade.upgrade_config(guard.read_recorded(path)[0])
 
 
 def write_curves(workdirs: Sequence[str], path: str) -> None:

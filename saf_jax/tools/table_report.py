@@ -17,8 +17,6 @@ Run::
   python -m saf_jax.tools.table_report --workdir runs/default --k 1,2,3,5
 """
 
-import json
-
 import numpy as np
 from absl import app, flags
 
@@ -89,8 +87,7 @@ def run_error(
     ValueError: if the run has no saved full-logit SAF table with two written epochs, or
       on a ``k`` or dtype that ``logit_table.storage_error`` rejects.
   """
-  with open(guard.config_path(workdir)) as f:
-    config = config_upgrade.upgrade_config(json.load(f))
+  config = config_upgrade.upgrade_config(guard.read_recorded(guard.config_path(workdir))[0])
   saved, arrays = checkpoint.saved_table(workdir)
   if 'values' not in arrays:
     raise ValueError(f'The table in {saved!r} is not stored as full logits (table_topk > 0).')
