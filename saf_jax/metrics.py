@@ -13,6 +13,55 @@ from typing import Any
 
 import tensorboardX
 
+# The evaluations whose best epoch is tracked: the trained weights, MESA's teacher and the
+# model EMA (config.eval.ema_decay), as the authors' scripts report the best epoch.
+BEST_OF = ('test', 'test_ema', 'test_model_ema')
+
+
+def read_records(workdir: str, *, up_to_epoch: int | None = None) -> list[dict[str, Any]]:
+  """The epoch records of ``workdir/metrics.jsonl`` (``[]`` without one), in file order.
+
+  A line cut short by a crash is skipped; with ``up_to_epoch``, later epochs are left out.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  records = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if up_to_epoch is None or record.get('epoch', 0) <= up_to_epoch:
+          records.append(record)
+  return records
+
+
+def add_best(record: dict[str, Any], best: dict[str, tuple[float, int]]) -> None:
+  """Adds ``<prefix>/best_accuracy`` and ``<prefix>/best_epoch`` to an evaluated record.
+
+  For each prefix of ``BEST_OF`` that ``record`` has ``<prefix>/accuracy`` for, the highest
+  top-1 over the epochs evaluated so far, this one included, and the first epoch that
+  reached it. ``best`` (``{prefix: (top-1, epoch)}``) carries the earlier epochs and is
+  updated in place; ``best_of(read_records(...))`` rebuilds it on resume.
+  """
+  for prefix in BEST_OF:
+    accuracy = record.get(f'{prefix}/accuracy')
+    if accuracy is None:  # Not evaluated this epoch.
+      continue
+    if math.isfinite(accuracy) and (prefix not in best or accuracy > best[prefix][0]):
+      best[prefix] = (float(accuracy), int(record['epoch']))
+    if prefix in best:
+      record[f'{prefix}/best_accuracy'], record[f'{prefix}/best_epoch'] = best[prefix]
+
+
+def best_of(records: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+  """``add_best``'s running best after ``records`` (in epoch order)."""
+  best: dict[str, tuple[float, int]] = {}
+  for record in records:
+    add_best(dict(record), best)
+  return best
+
 
 class JsonlWriter:
   """Appends metric records to ``workdir/metrics.jsonl``.
@@ -27,19 +76,10 @@ class JsonlWriter:
     A resumed run rewrites epochs after its checkpoint; earlier records are kept.
     """
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:  # A line cut short by a crash.
-            continue
-          if record.get('epoch', 0) <= keep_epochs_up_to:
-            kept.append(json.dumps(record) + '\n')
+    kept = read_records(workdir, up_to_epoch=keep_epochs_up_to)
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
-      f.writelines(kept)
+      f.writelines(json.dumps(record) + '\n' for record in kept)
     os.replace(tmp, self.path)
 
   def write(self, record: dict[str, Any]) -> None:
