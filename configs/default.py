@@ -10,13 +10,13 @@ in 5 to 10 minutes.
 
 Every method shares the model, init, data order, schedule and base optimizer, so runs
 with one seed differ only by the method. SAM-family hyperparameters are the papers'
-defaults (SAM, LookSAM, ESAM: rho 0.05; ASAM: rho 0.5, eta 0.01), not tuned for this
-model.
+defaults (SAM, LookSAM, ESAM: rho 0.05; ASAM: rho 0.5, eta 0.01; MSAM: rho 3; m-RWP: sigma
+0.01, lam 0.5), not tuned for this model.
 
 Arguments (comma separated, after the file name), as big_vision's configs take them:
   method=NAME           the training method (default saf): sgd | saf | mesa | sam | asam
-                        | gsam | looksam | esam, or saf+X / mesa+X with X a SAM-family
-                        method (e.g. saf+sam).
+                        | gsam | looksam | esam | msam | rwp, or saf+X / mesa+X with X a
+                        SAM-family method (e.g. saf+sam, mesa+rwp).
   smoke                 a few hundred examples, a tiny model, seconds to run (tests).
 
 Run::
@@ -186,6 +186,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method.esam.rho = 0.05  # Radius (Du et al. 2022a).
   config.method.esam.beta = 0.6  # Fraction of parameter entries perturbed (SWP).
   config.method.esam.gamma = 0.5  # Fraction of the batch in the second gradient (SDS).
+  # Momentum-SAM (Becker et al. 2024): one gradient per step, at theta - rho * v / ||v||
+  # with v the base optimizer's momentum (SGD's buffer; AdamW's first moment).
+  config.method.msam = ml_collections.ConfigDict()
+  config.method.msam.rho = 3.0  # L2 radius; the authors' CIFAR runs with SGD (their configs).
+  # m-RWP (Li et al., TMLR 2024): base(lam * grad(theta + eps) + (1 - lam) * grad(theta)),
+  # eps ~ N(0, (sigma * ||filter||)^2) per output filter; two gradients per step.
+  config.method.rwp = ml_collections.ConfigDict()
+  config.method.rwp.sigma = 0.01  # Noise std relative to each filter's norm (authors' code).
+  config.method.rwp.lam = 0.5  # Weight of the perturbed gradient (authors' --lambda).
 
   # Eval.
   config.eval = ml_collections.ConfigDict()

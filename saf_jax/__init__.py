@@ -9,6 +9,7 @@ from saf_jax.train_state import TrainState
 from saf_jax.transforms import (
   EmaParamsState,
   LookSAMState,
+  MSAMState,
   SAMState,
   asam,
   ema_params,
@@ -17,6 +18,8 @@ from saf_jax.transforms import (
   get_ema_params,
   gsam,
   looksam,
+  msam,
+  rwp,
   sam,
 )
 
@@ -24,6 +27,7 @@ __all__ = [
   'EmaParamsState',
   'LogitTable',
   'LookSAMState',
+  'MSAMState',
   'SAMState',
   'TrainState',
   'asam',
@@ -34,6 +38,8 @@ __all__ = [
   'get_ema_params',
   'gsam',
   'looksam',
+  'msam',
+  'rwp',
   'sam',
   'trajectory_loss',
 ]

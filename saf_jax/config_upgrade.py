@@ -47,6 +47,10 @@ ADDED_FIELDS = {
   'input.placement': 'host',
   'method.saf.table_placement': 'host',
   'mesh.device_memory_fraction': 0.25,
+  # MSAM's and m-RWP's sections: no earlier run read them (as the SAM family's above).
+  'method.msam.rho': 3.0,
+  'method.rwp.sigma': 0.01,
+  'method.rwp.lam': 0.5,
 }
 
 
@@ -83,6 +87,8 @@ def upgrade_config(config_dict: dict[str, Any]) -> dict[str, Any]:
   ``input.placement``                 2026-12-06  ``'host'``: the tf.data pipeline.
   ``method.saf.table_placement``      2026-12-06  ``'host'``: the ``LogitTable``.
   ``mesh.device_memory_fraction``     2026-12-06  ``0.25`` (read only by ``'auto'``).
+  ``method.{msam,rwp}.*``             2026-12-06  Today's defaults: no method of such a
+                                                  run read them.
   ==================================  ==========  =====================================
 
   ``distributed`` (how ``main.py`` starts the processes, never read from a stored config)

@@ -1,9 +1,9 @@
 """The methods: every name parsed once into a frozen ``Method``, each part's factory.
 
 A method is a trajectory loss (none, SAF or MESA) with an optional SAM-family perturbation
-(none, SAM, ASAM, GSAM, LookSAM or ESAM): ``'sgd'``, ``'saf'``, ``'mesa'``, ``'sam'`` ...,
-and the compositions ``'saf+sam'`` ... ``'mesa+esam'`` (the trajectory loss is added to the
-objective whose perturbed gradient the SAM-family method takes). ``sgd`` names "no
+(none, SAM, ASAM, GSAM, LookSAM, ESAM, MSAM or m-RWP): ``'sgd'``, ``'saf'``, ``'mesa'``,
+``'sam'`` ..., and the compositions ``'saf+sam'`` ... ``'mesa+rwp'`` (the trajectory loss is
+added to the objective whose perturbed gradient the SAM-family method takes). ``sgd`` names "no
 trajectory loss, no perturbation"; the base optimizer (``config.optimizer.name``, SGD or
 AdamW) is the same for every method.
 
@@ -79,6 +79,18 @@ def _esam(base, hp, config, *, schedule, batch_axis_name):
   )
 
 
+def _msam(base, hp, config, *, schedule, batch_axis_name):
+  del config, schedule
+  return transforms.msam(base, rho=hp.rho, batch_axis_name=batch_axis_name)
+
+
+def _rwp(base, hp, config, *, schedule, batch_axis_name):
+  del schedule
+  return transforms.rwp(
+    base, sigma=hp.sigma, lam=hp.lam, seed=config.seed, batch_axis_name=batch_axis_name
+  )
+
+
 # Each SAM-family perturbation and the factory of its transform:
 # ``factory(base, hp, config, *, schedule, batch_axis_name)``, where ``hp`` is
 # ``config.method.<name>`` and ``schedule`` the base optimizer's learning rate per step.
@@ -88,6 +100,8 @@ PERTURBATIONS: dict[str, Callable[..., optax.GradientTransformation]] = {
   'gsam': _gsam,
   'looksam': _looksam,
   'esam': _esam,
+  'msam': _msam,  # Becker et al. 2024; one gradient per step, at a point set by the momentum.
+  'rwp': _rwp,  # m-RWP, Li et al. 2024; a random perturbation, independent of the gradient.
 }
 
 # Every method name, in the order the configs and tools list them.
@@ -106,7 +120,8 @@ class Method:
   Attributes:
     name: the name, one of :data:`NAMES`.
     trajectory: ``'saf'``, ``'mesa'`` or None: the trajectory loss.
-    perturbation: ``'sam'``, ``'asam'``, ``'gsam'``, ``'looksam'``, ``'esam'`` or None.
+    perturbation: ``'sam'``, ``'asam'``, ``'gsam'``, ``'looksam'``, ``'esam'``, ``'msam'``,
+      ``'rwp'`` or None.
   """
 
   name: str

@@ -15,11 +15,13 @@ when its loss is used.
 
 A SAM-family method (``saf_jax.transforms``; alone, or composed as ``'saf+sam'``) takes
 its second gradient of the same objective, with the same targets, at perturbed params.
+MSAM takes no gradient at :math:`\theta`: its step's one forward-backward is at
+:math:`\tilde\theta = ` ``transforms.msam_perturbed_params(opt_state, params)``.
 
 BatchNorm policy: the student's ``batch_stats`` are updated exactly once per step, from
-its own training forward pass at :math:`\theta`. Perturbed passes normalise with their
-batch's statistics and write none; MESA's teacher runs in eval mode with
-``ema_batch_stats`` and writes nothing.
+its own training forward pass at :math:`\theta` (for MSAM, the only one, at
+:math:`\tilde\theta`). Perturbed passes normalise with their batch's statistics and
+write none; MESA's teacher runs in eval mode with ``ema_batch_stats`` and writes nothing.
 """
 
 from collections.abc import Callable
@@ -67,10 +69,16 @@ def make_train_step(
   transform of ``saf_jax.transforms`` and receives the clean gradient plus ``grad_fn``,
   the gradient of the same objective (same targets) at perturbed params.
 
+  MSAM (``'msam'``, ``'saf+msam'``, ...) has one forward-backward per step, at
+  :math:`\tilde\theta_t = \theta_t - \rho v_t/\|v_t\|` (``transforms.msam``): its loss,
+  logits, metrics and ``l2_grads`` are those of :math:`\tilde\theta_t`, and ``tx``
+  receives that gradient without ``grad_fn``; ``state.params`` stay :math:`\theta_t`.
+
   BatchNorm policy, for every method: ``batch_stats`` are updated exactly once per step,
-  from the clean training forward at :math:`\theta`. Perturbed passes (SAM family)
-  normalise with their batch's statistics and write none; MESA's teacher runs in eval
-  mode with ``ema_batch_stats`` and writes none.
+  from the clean training forward at :math:`\theta` (MSAM: from its only forward, at
+  :math:`\tilde\theta_t`). Perturbed passes (SAM family, m-RWP's noisy pass) normalise
+  with their batch's statistics and write none; MESA's teacher runs in eval mode with
+  ``ema_batch_stats`` and writes none.
 
   Args:
     model: a Flax module called as ``apply(variables, images, train=..., mutable=...)``.
@@ -127,6 +135,9 @@ def make_train_step(
       per_example_kl=perturbation == 'esam',
     )
     params = state.params
+    if perturbation == 'msam':
+      # Algorithm 1 of Becker et al. 2024: the step's only gradient is at theta_tilde.
+      params = transforms.msam_perturbed_params(state.opt_state, state.params)
     if batch_axis_name is not None:
       # Inside shard_map the gradient w.r.t. a replicated input is summed over devices;
       # marking params device-varying keeps each device's own shard gradient.
@@ -134,7 +145,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     (loss, (logits, new_batch_stats, ce, traj, per_example)), grads = grad_fn(params, full)
     extra_args = {}
-    if perturbation is not None:
+    if perturbation not in (None, 'msam'):  # MSAM's grads are already at theta_tilde.
       extra_args = _perturbation_args(perturbation, objective, full, per_example, sam_step)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     new_params = optax.apply_updates(state.params, updates)

@@ -263,6 +263,24 @@ _SAM_FAMILY_RULES = {
     _in_unit_interval('method.esam.beta'),
     _in_unit_interval('method.esam.gamma'),
   ),
+  'msam': (
+    _nonnegative('method.msam.rho'),
+    # MSAM perturbs along the base optimizer's momentum buffer (AdamW's first moment);
+    # optax.sgd without momentum keeps none.
+    Rule(
+      'optimizer.momentum',
+      lambda x, config, devices: config.optimizer.name != 'sgd' or x > 0,
+      lambda config, devices: (
+        '> 0 for an msam method with optimizer.name=sgd (MSAM perturbs along the momentum '
+        'buffer, which SGD without momentum does not keep)'
+      ),
+      cross_field=True,
+    ),
+  ),
+  'rwp': (
+    _nonnegative('method.rwp.sigma'),
+    Rule('method.rwp.lam', lambda x: is_number(x) and 0 <= x <= 1, 'a number in [0, 1]'),
+  ),
 }
 
 
@@ -293,8 +311,9 @@ def validate_config(
       divisible by the devices (the per-device perturbation scope splits the batch the
       same way) or by the processes; non-positive epochs, learning rate or periods; an
       unknown ``perturbation_scope``; for the SAM family ``rho``/``eta``/``alpha < 0``,
-      ``k < 1``, ``beta``/``gamma`` outside (0, 1], ``rho_min > rho_max`` or an unknown
-      ASAM ``adaptive_params``; analysis fields out of range
+      ``k < 1``, ``beta``/``gamma`` outside (0, 1], ``rho_min > rho_max``, an unknown
+      ASAM ``adaptive_params``, m-RWP's ``sigma < 0`` or ``lam`` outside [0, 1], or MSAM
+      with SGD without momentum; analysis fields out of range
       (``sharpness_every_epochs < 0``, ``rho <= 0``, ``sharpness_num_batches < 1``; more
       batches than the training set holds is refused once it is loaded); checkpoint
       periods (``every_steps < 0``);

@@ -16,6 +16,9 @@ OLD_VALUES = (
   ('method.perturbation_scope', 'global', 'per_device'),
   # The SAM family's sections; a saf run does not read them.
   ('method.sam.rho', 0.05, None),
+  ('method.msam.rho', 3.0, None),
+  ('method.rwp.sigma', 0.01, None),
+  ('method.rwp.lam', 0.5, None),
   ('method.asam.rho', 0.5, None),
   ('method.asam.eta', 0.01, None),
   ('method.asam.adaptive_params', 'weights', None),
@@ -103,7 +106,7 @@ def test_a_config_of_the_first_version_is_valid_once_upgraded():
   for field, _, _ in OLD_VALUES:
     delete_field(old, field)
   del old['analysis']  # The first version had no analysis section at all,
-  for name in ('sam', 'asam', 'gsam', 'looksam', 'esam'):  # nor the SAM family's.
+  for name in ('sam', 'asam', 'gsam', 'looksam', 'esam', 'msam', 'rwp'):  # nor the SAM family's.
     del old['method'][name]
   upgraded = ml_collections.ConfigDict(config_upgrade.upgrade_config(old))
   validation.validate_config(upgraded, num_devices=1)
@@ -140,7 +143,7 @@ def test_a_workdir_of_the_first_version_resumes_with_its_command(tmp_path):
   """Every section added since (SAM family and analysis too) reads as a rerun's config."""
   old = _write_old_config(tmp_path, [field for field, _, _ in OLD_VALUES])
   del old['analysis']
-  for name in ('sam', 'asam', 'gsam', 'looksam', 'esam'):
+  for name in ('sam', 'asam', 'gsam', 'looksam', 'esam', 'msam', 'rwp'):
     del old['method'][name]
   (tmp_path / 'config.json').write_text(json.dumps(old))
   guard.check_config(default.get_config('method=saf,smoke'), str(tmp_path))

@@ -20,6 +20,8 @@ def test_every_name_and_its_parts():
     'gsam': (None, 'gsam'),
     'looksam': (None, 'looksam'),
     'esam': (None, 'esam'),
+    'msam': (None, 'msam'),
+    'rwp': (None, 'rwp'),
     **{f'{t}+{p}': (t, p) for t in ('saf', 'mesa') for p in methods.PERTURBATIONS},
   }
   assert methods.parse('saf+gsam').saf and not methods.parse('saf+gsam').mesa

@@ -234,6 +234,8 @@ def _tx_for(method, base):
     ),
     'looksam': lambda: transforms.looksam(base, rho=0.05, k=2),
     'esam': lambda: transforms.esam(base, rho=0.05, beta=0.5, gamma=0.5),
+    'msam': lambda: transforms.msam(base, rho=0.5),
+    'rwp': lambda: transforms.rwp(base, sigma=0.05, lam=0.5),
   }[perturbation]()
 
 

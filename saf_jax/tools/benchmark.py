@@ -50,7 +50,7 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=False)
   flags.DEFINE_list(
     'methods',
-    ['sgd', 'saf', 'mesa', 'sam', 'asam', 'gsam', 'looksam', 'esam'],
+    ['sgd', 'saf', 'mesa', 'sam', 'asam', 'gsam', 'looksam', 'esam', 'msam', 'rwp'],
     'Methods to compare (any of saf_jax.methods.NAMES).',
   )
   flags.DEFINE_list(

@@ -3,7 +3,9 @@ r"""Several methods over several seeds on one config: accuracy, sharpness and ti
   python -m saf_jax.tools.compare --config configs/default.py --methods sgd,sam,saf,mesa \
       --seeds 0,1,2 --workdir runs/compare
 
-Each (method, seed) is one ``main.py`` run in its own process, into
+The methods are any of ``saf_jax.methods.NAMES`` (e.g. ``--methods sgd,sam,msam,rwp`` for
+SAM against its one-gradient and random-perturbation baselines), checked before any run
+starts. Each (method, seed) is one ``main.py`` run in its own process, into
 ``<workdir>/<method>_seed<seed>``, exactly as a user would start it (add config
 overrides with ``--override=--config.optimizer.lr=0.1``, repeatable). A finished run is
 not repeated: its record (``compare.json`` in its workdir: final metrics and the wall
@@ -47,7 +49,11 @@ def _define_flags() -> None:
     None,
     'Config file, with optional arguments (configs/default.py:smoke); method= is added.',
   )
-  flags.DEFINE_list('methods', ['sgd', 'sam', 'saf', 'mesa'], 'Methods to compare.')
+  flags.DEFINE_list(
+    'methods',
+    ['sgd', 'sam', 'saf', 'mesa'],
+    'Methods to compare: any of saf_jax.methods.NAMES (e.g. msam, rwp, saf+msam).',
+  )
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each sets config.seed.')
   flags.DEFINE_string('workdir', None, 'Parent directory of the runs.')
   flags.DEFINE_multi_string('override', [], 'Extra main.py flag, e.g. --config.num_epochs=4.')
@@ -225,6 +231,13 @@ def tables(rows: list[dict], records: dict[str, list[dict]]) -> str:
 
 def main(argv):
   del argv
+  from saf_jax import methods  # JAX and optax: a name is refused before any run starts.
+
+  for method in FLAGS.methods:
+    try:
+      methods.parse(method)
+    except ValueError as e:
+      raise app.UsageError(f'--methods={method!r}: {e}') from None
   seeds = [int(s) for s in FLAGS.seeds]
   rows, records = [], {}
   for method in FLAGS.methods:

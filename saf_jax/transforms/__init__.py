@@ -1,15 +1,19 @@
 r"""Optax-style transforms for sharpness-aware training.
 
 Two groups: MESA's parameter EMA (``ema_params``), and the SAM-family baselines (``sam``,
-``asam``, ``gsam``, ``looksam``, ``esam``), each wrapping a base optimizer. The latter
-follow ``optax.contrib.sam``'s opaque mode: ``update`` receives the clean gradient
-:math:`g = \nabla L_B(\theta)` and a ``grad_fn`` for the gradient at other params::
+``asam``, ``gsam``, ``looksam``, ``esam``, ``msam``, ``rwp``), each wrapping a base
+optimizer. The latter follow ``optax.contrib.sam``'s opaque mode: ``update`` receives the
+clean gradient :math:`g = \nabla L_B(\theta)` and a ``grad_fn`` for the gradient at other
+params::
 
   eps = perturbation(g, params)                  # e.g. rho * g / ||g||  (SAM, Eq. 4)
   final = combine(g, grad_fn(params + eps))      # e.g. the perturbed gradient itself
   updates, base_state = base.update(final, base_state, params)
 
 so that a loop with side effects (BatchNorm statistics) controls every forward pass.
+``msam`` needs no gradient at :math:`\theta`: its one gradient is at
+``msam_perturbed_params(state, params)``, passed as ``update``'s first argument (or taken
+by ``grad_fn``). ``rwp``'s perturbation is random, independent of :math:`g`.
 
 MESA's teacher (Eq. 10 of Du et al. 2022) is an exponential moving average of the
 weights, not of the updates (``optax.ema`` averages updates)::
@@ -37,6 +41,8 @@ here (``transforms.sam``, ``transforms.ema_params``):
 * ``_gsam``: ``gsam`` and its radius schedule ``gsam_rho``.
 * ``_looksam``: ``looksam`` and ``LookSAMState``.
 * ``_esam``: ``esam``.
+* ``_msam``: ``msam``, ``MSAMState``, ``msam_perturbed_params`` and ``msam_momentum``.
+* ``_rwp``: ``rwp`` with its noise: ``rwp_noise``, ``rwp_noise_std``, ``rwp_noise_key``.
 * ``_sam_common``: what the SAM family shares: ``SAMState``, ``GradFn``, the checks, the
   tree math and the base-optimizer wrapper.
 """
@@ -45,6 +51,8 @@ from saf_jax.transforms._ema import EmaParamsState, ema_params, ema_update, get_
 from saf_jax.transforms._esam import esam
 from saf_jax.transforms._gsam import gsam, gsam_rho
 from saf_jax.transforms._looksam import LookSAMState, looksam
+from saf_jax.transforms._msam import MSAMState, msam, msam_momentum, msam_perturbed_params
+from saf_jax.transforms._rwp import rwp, rwp_noise, rwp_noise_key, rwp_noise_std
 from saf_jax.transforms._sam import ASAM_ADAPTIVE_PARAMS, asam, asam_adaptive_mask, sam
 from saf_jax.transforms._sam_common import GradFn, SAMState
 
@@ -53,6 +61,7 @@ __all__ = [
   'EmaParamsState',
   'GradFn',
   'LookSAMState',
+  'MSAMState',
   'SAMState',
   'asam',
   'asam_adaptive_mask',
@@ -63,5 +72,12 @@ __all__ = [
   'gsam',
   'gsam_rho',
   'looksam',
+  'msam',
+  'msam_momentum',
+  'msam_perturbed_params',
+  'rwp',
+  'rwp_noise',
+  'rwp_noise_key',
+  'rwp_noise_std',
   'sam',
 ]

@@ -66,6 +66,19 @@ def maybe_pmean(tree: Any, axis_name: str | None) -> Any:
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name=axis_name)
 
 
+def mark_varying(tree: Any, axis_name: str | None) -> Any:
+  """``tree`` marked device-varying over ``axis_name`` inside ``jax.shard_map`` (None: as is).
+
+  A point built from the replicated params alone (MSAM's, m-RWP's) is device-invariant, and
+  the gradient with respect to an invariant input is summed over the devices; marked
+  varying, ``grad_fn`` at it gives each device's own shard gradient. The leaves must be
+  invariant (JAX refuses to mark a varying value again).
+  """
+  if axis_name is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to='varying'), tree)
+
+
 def require_grad_fn(name: str, grad_fn: GradFn | None, params: Any) -> GradFn:
   """``grad_fn`` itself; ValueError naming transform ``name`` if it or ``params`` is None."""
   if grad_fn is None:
