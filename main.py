@@ -101,6 +101,15 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except _USER_ERRORS as e:
     _fail(e, sys.argv)
+  except KeyboardInterrupt:  # Ctrl-C (SIGINT): nothing more is saved; the lock is released.
+    if _verbose(sys.argv):
+      raise
+    print(
+      'interrupted (SIGINT); rerun the same command to resume from the latest checkpoint.',
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(130)
 
 
 if __name__ == '__main__':

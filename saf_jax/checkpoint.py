@@ -16,6 +16,11 @@ A host table is saved before the state, so a step with a ``state`` has every pro
 table too; :meth:`Checkpointer.latest_step` returns the newest step that is complete for
 every process. A device table is committed with the state, in the same checkpoint.
 
+Each save ends with a manifest (``saf_jax.manifest``), checked before a restore reads
+anything; then old checkpoints are rotated out. A step committed without the manifest its
+meta promises is an unfinished save: the training run moves it to ``checkpoints_unfinished/``,
+readers skip it (:func:`complete_steps`). A refused save (disk full) removes its files.
+
 There is no random-number state to save: data order and augmentation derive from (seed,
 epoch, process) and each step's randomness from (seed, step), so resuming at any saved
 step continues the run exactly as if it had not stopped.
@@ -25,8 +30,8 @@ config with the new one and refuses a mismatch in any field that changes the tra
 trajectory, so another run's checkpoint is never resumed or overwritten by mistake.
 """
 
-import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -36,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from saf_jax import table_files, train_state
+from saf_jax import manifest, table_files, train_state
 
 
 @flax.struct.dataclass
@@ -81,25 +86,20 @@ def table_placement(workdir: str) -> str | None:
   """Where the newest checkpoint of ``workdir`` keeps SAF's table: 'device', 'host' or None.
 
   Its ``meta`` says; 'host' for one saved before tables could be on the devices. Reads the
-  meta file alone: no Orbax manager, so no collective, and nothing changes.
+  meta file alone (and its manifest): no Orbax manager, so no collective; nothing changes.
 
   Raises:
-    CheckpointError: if the newest checkpoint's meta cannot be read.
+    CheckpointError: if the newest checkpoint's meta cannot be read, or its files do not
+      match its manifest.
   """
-  steps = saved_steps(workdir)
+  steps = complete_steps(workdir)
   if not steps:
     return None
-  path = os.path.join(workdir, 'checkpoints', str(steps[-1]), 'meta', 'metadata')
   try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(
-      f'The checkpoint of step {steps[-1]} in {workdir!r} cannot be read ({type(e).__name__}: '
-      f'{e}). Move checkpoints/{steps[-1]} aside to resume from the previous checkpoint, or '
-      'use a new --workdir.'
-    ) from e
-  return meta.get('table_placement', 'host')
+    meta = manifest.read_json(_step_dir(workdir, steps[-1]), _PROMISE)
+    return meta.get('table_placement', 'host')
+  except (OSError, ValueError, AttributeError) as e:
+    raise _unreadable(workdir, steps[-1], e) from e
 
 
 def saved_table(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
@@ -121,7 +121,7 @@ def saved_table(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
     return os.path.join(files.directory, str(step)), files.load(step)
   directory = os.path.join(workdir, 'checkpoints')
   if table_placement(workdir) == 'device':
-    path = os.path.join(directory, str(saved_steps(workdir)[-1]), 'saf_table')
+    path = os.path.join(directory, str(complete_steps(workdir)[-1]), 'saf_table')
     if not os.path.isdir(path):
       raise CheckpointError(
         f'The newest checkpoint in {directory!r} keeps its SAF table on the devices, but '
@@ -141,19 +141,42 @@ def saved_table(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def saved_steps(workdir: str) -> list[int]:
-  """Steps with a committed ``checkpoints/<step>`` (state and meta), ascending; no Orbax."""
-  root = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(root):
-    return []
-  return sorted(int(name) for name in os.listdir(root) if name.isdigit())
+  """Steps with a committed ``checkpoints/<step>`` (state and meta), ascending; no Orbax.
+  Unfinished saves included (committed, no manifest yet): see :func:`complete_steps`."""
+  return manifest.steps(os.path.join(workdir, 'checkpoints'))
+
+
+def _step_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, 'checkpoints', str(step))
+
+
+_PROMISE = 'meta/metadata'  # The file of a step that promises its manifest (the meta).
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """The :func:`saved_steps` whose save finished, ascending, that runs resume from and tools
+  read: not those committed without their manifest yet (being written, or killed first)."""
+  return manifest.complete(os.path.join(workdir, 'checkpoints'), _PROMISE)
+
+
+def _unreadable(workdir: str, step: int, error: Exception) -> 'CheckpointError':
+  first = '\n'.join(str(error).splitlines()[:2])
+  return CheckpointError(
+    f'The checkpoint of step {step} in {workdir!r} cannot be read '
+    f'({type(error).__name__}: {first}). Its files are incomplete or damaged; nothing '
+    f'was changed. Move checkpoints/{step} (and checkpoints_table/*/{step}) aside to '
+    'resume from the previous checkpoint (or to start afresh without one), or use a new '
+    '--workdir.'
+  )
 
 
 def saved_epochs(workdir: str) -> dict[int, int]:
   """``{epoch: step}`` of the checkpoints saved at the end of an epoch, read-only.
 
-  Mid-epoch checkpoints (``config.checkpoint.every_steps``, SIGTERM) are left out.
+  Mid-epoch checkpoints (``config.checkpoint.every_steps``, SIGTERM) are left out, and so
+  are unfinished saves (:func:`complete_steps`).
   """
-  steps = saved_steps(workdir)
+  steps = complete_steps(workdir)
   if not steps:
     return {}
   manager = _manager(os.path.join(workdir, 'checkpoints'), None, read_only=True, create=False)
@@ -207,36 +230,60 @@ class Checkpointer:
     with_table: bool = False,
     table_on_device: bool = False,
     remove_unfinished: bool = False,
+    num_train: int | None = None,
   ):
     """Opens (creating if needed) the checkpoint directories of ``workdir``.
 
     Args:
       workdir: the run's directory.
-      max_to_keep: checkpoints kept; older ones are deleted after each save.
+      max_to_keep: complete checkpoints kept; older ones are deleted after each save.
       with_table: whether this run has a SAF table on the host (then each process keeps
         its own files).
       table_on_device: whether this run has a SAF table on the devices (then it is an
         Orbax item of each checkpoint).
-      remove_unfinished: delete the temporary directories of saves cut short by a kill
-        (for the training run itself; a reader such as ``analyze`` must not, since the
-        run may be saving at that moment).
+      remove_unfinished: delete the temporary directories of saves cut short by a kill,
+        move unfinished saves aside (for the training run itself; a reader such as
+        ``analyze`` must not, since the run may be saving at that moment).
+      num_train: the training examples; given, a host table saved by another number of
+        processes is restored too (``table_files.TableFiles``).
+
+    Raises:
+      CheckpointError: (``remove_unfinished``) if every saved step is an unfinished save.
     """
     self.workdir = workdir
+    if remove_unfinished:
+      root = os.path.join(workdir, 'checkpoints')
+      try:
+        manifest.move_aside_unfinished(root, _PROMISE, f'{root}_unfinished')
+      except manifest.ManifestError as e:
+        raise _unreadable(workdir, max(saved_steps(workdir)), e) from e
+    self._max_to_keep = max_to_keep
+    self._verified = set()  # Steps checked against their manifest.
+    manifest.quiet_abandoned_writes()  # After a failed write: one error, not 40 tracebacks.
     self._state = _manager(
       os.path.join(workdir, 'checkpoints'),
-      max_to_keep,
+      None,  # Rotation is ours, once the new checkpoint is complete (_rotate).
       cleanup_tmp_directories=remove_unfinished,
+      # Save in this thread: a full disk raises here, once, not in Orbax's threads.
+      enable_async_checkpointing=False,
     )
-    self._table = table_files.TableFiles(workdir) if with_table and not table_on_device else None
+    self._table = None
+    if with_table and not table_on_device:
+      self._table = table_files.TableFiles(workdir, num_train=num_train)
     self._table_item = table_on_device
 
+  def _steps(self) -> list[int]:
+    """The complete steps (an unfinished save is skipped: see :func:`complete_steps`)."""
+    steps = self._state.all_steps()
+    return [s for s in steps if not manifest.unfinished(_step_dir(self.workdir, s), _PROMISE)]
+
   def latest_state_step(self) -> int | None:
-    """The newest committed state checkpoint (shared by all processes), table or not."""
-    return self._state.latest_step()
+    """The newest complete state checkpoint (shared by all processes), table or not."""
+    return max(self._steps(), default=None)
 
   def latest_step(self) -> int | None:
     """The newest step whose state, and (SAF) every process's table, were committed."""
-    state_steps = set(self._state.all_steps())
+    state_steps = set(self._steps())
     steps = state_steps
     if self._table is not None:
       steps = state_steps & set(self._table.steps())
@@ -268,27 +315,61 @@ class Checkpointer:
     meta: dict[str, Any],
   ) -> None:
     """Saves at ``step``: a host table's files first, then the state (with a device table
-    as its ``saf_table`` item); blocks until committed.
+    as its ``saf_table`` item), then the manifest; then deletes old checkpoints. Blocks
+    until done.
 
     Args:
       step: the global step, the checkpoint's key (``state.step``).
       state: the ``TrainState``.
       table: SAF's ``LogitTable.state_dict()`` of this process, or a device table's
         global arrays (``dispatch.TableOnDevice.state_dict()``), or None.
-      meta: JSON-serialisable position and bookkeeping (see ``train.train_and_evaluate``).
+      meta: JSON-serialisable position and bookkeeping (see ``train.train_and_evaluate``);
+        saved with ``manifest: 1`` added.
+
+    Raises:
+      CheckpointError: if the filesystem refuses a write (full, read-only), once this
+        save's files are removed (earlier checkpoints stay as they were).
     """
-    if table is not None and self._table is not None:
-      self._table.save(step, table)
-    items = {'state': ocp.args.StandardSave(_to_disk(state)), 'meta': ocp.args.JsonSave(meta)}
-    if table is not None and self._table_item:
-      items['saf_table'] = ocp.args.StandardSave(table)
-    if not self._state.save(step, args=ocp.args.Composite(**items)):
+    meta = {**meta, manifest.PROMISE_KEY: 1}  # Committed without a manifest: unfinished.
+    table_saved = committed = False
+    try:
+      if table is not None and self._table is not None:
+        self._table.save(step, table)
+        table_saved = True
+      items = {'state': ocp.args.StandardSave(_to_disk(state)), 'meta': ocp.args.JsonSave(meta)}
+      if table is not None and self._table_item:
+        items['saf_table'] = ocp.args.StandardSave(table)
+      if not self._state.save(step, args=ocp.args.Composite(**items)):
+        raise CheckpointError(
+          f'Orbax declined to save step {step} in {self.workdir!r}: it holds a checkpoint '
+          f'at step {self._state.latest_step()} or later (a table directory under '
+          'checkpoints_table/ was removed?); use a new --workdir.'
+        )
+      committed = True
+      manifest.write_shared(_step_dir(self.workdir, step))
+    except Exception as e:
+      if jax.process_index() == 0:  # Remove what this save wrote: Orbax's, then the table's.
+        manifest.remove_partial(os.path.join(self.workdir, 'checkpoints'), step, committed)
+      if table_saved:
+        shutil.rmtree(os.path.join(self._table.directory, str(step)), ignore_errors=True)
+      self._state.reload()
+      if (refused := manifest.refused_write(e, self.workdir)) is None:
+        raise
+      previous = max((s for s in self._steps() if s < step), default=None)
+      then = 'afresh' if previous is None else f'from step {previous}, whose checkpoint is intact'
       raise CheckpointError(
-        f'Orbax declined to save step {step} in {self.workdir!r}: it holds a checkpoint at '
-        f'step {self._state.latest_step()} or later (a table directory under '
-        'checkpoints_table/ was removed?); use a new --workdir.'
-      )
-    self._state.wait_until_finished()
+        f'The checkpoint of step {step} could not be saved: {refused}. Its partial files '
+        'were removed; make room (or make the workdir writable) and rerun the same command '
+        f'to start {then}.'
+      ) from e
+    self._verified.add(step)
+    self._rotate()
+
+  def _rotate(self) -> None:
+    """Deletes the checkpoints older than the newest ``max_to_keep`` complete ones."""
+    oldest = self._steps()[-self._max_to_keep :][0]
+    for step in [s for s in self._state.all_steps() if s < oldest]:
+      self._state.delete(step)
     if self._table is not None:
       self._table.keep_only(self._state.all_steps())
 
@@ -296,13 +377,24 @@ class Checkpointer:
     """The ``meta`` item saved at ``step``, alone.
 
     Raises:
-      CheckpointError: if it cannot be read.
+      CheckpointError: if it cannot be read, or the checkpoint's files do not match their
+        manifest (all checked first; collective if multi-process).
     """
+    self._verify(step)
     try:
       restored = self._state.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for missing or damaged files.
-      raise self._unreadable(step, e) from e
+      raise _unreadable(self.workdir, step, e) from e
     return restored.meta
+
+  def _verify(self, step: int) -> None:
+    """Checks ``checkpoints/<step>`` against its manifest, once (collective)."""
+    if step not in self._verified:
+      try:
+        manifest.verify_shared(_step_dir(self.workdir, step), promise=_PROMISE)
+      except OSError as e:
+        raise _unreadable(self.workdir, step, e) from e
+      self._verified.add(step)
 
   def restore(
     self, step: int, abstract_state: Any, abstract_table: dict[str, Any] | None
@@ -319,8 +411,10 @@ class Checkpointer:
     Raises:
       ValueError: if the saved arrays do not match the abstract ones (another model or
         table layout).
-      CheckpointError: if files of the checkpoint are missing or damaged.
+      CheckpointError: if files of the checkpoint are missing or damaged (checked against
+        the manifests before anything is read).
     """
+    self._verify(step)
     table = None
     try:
       if abstract_table is not None and self._table is not None:
@@ -341,19 +435,11 @@ class Checkpointer:
         raise  # A structure or shape mismatch: the caller names the config.
       # Orbax leaves the reads of the other arrays running when one fails; their threads
       # then report a closed event loop. Let them finish, so that our error prints last
-      # and whole.
-      time.sleep(_SETTLE_SECONDS)
-      raise self._unreadable(step, e) from e
+      # and whole. (A table file's ManifestError precedes any read.)
+      if not isinstance(e, manifest.ManifestError):
+        time.sleep(_SETTLE_SECONDS)
+      raise _unreadable(self.workdir, step, e) from e
     return _from_disk(restored.state), table, restored.meta
-
-  def _unreadable(self, step: int, error: Exception) -> CheckpointError:
-    first = '\n'.join(str(error).splitlines()[:2])
-    return CheckpointError(
-      f'The checkpoint of step {step} in {self.workdir!r} cannot be read '
-      f'({type(error).__name__}: {first}). Its files are incomplete or damaged; nothing '
-      f'was changed. Move checkpoints/{step} (and checkpoints_table/*/{step}) aside to '
-      'resume from the previous checkpoint, or use a new --workdir.'
-    )
 
   def close(self) -> None:
     self._state.close()

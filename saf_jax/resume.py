@@ -3,8 +3,8 @@
 A checkpoint's ``meta`` (``Position.to_meta``) says how far training got: the epoch, the
 batches of it already trained, and their per-step metrics and time, so that a run resumed
 mid-epoch writes the same epoch record as one that never stopped. ``check_resume`` refuses
-a resume whose saved position or SAF table does not carry over to this run's devices and
-processes; ``Preemption`` turns SIGTERM into "save after this step and stop".
+a resume whose saved position does not carry over to this run's devices and processes;
+``Preemption`` turns SIGTERM into "save after this step and stop".
 """
 
 import dataclasses
@@ -100,21 +100,29 @@ class Position:
     }
 
 
-def check_resume(
-  meta: dict[str, Any], workdir: str, *, per_device: bool, num_devices: int, saf: bool
-) -> None:
-  """Refuses to resume where the saved position or table does not carry over.
+def saved_mid_epoch(meta: dict[str, Any]) -> bool:
+  """Whether a checkpoint whose meta is ``meta`` was saved before its epoch's end."""
+  # Checkpoints that predate mid-epoch saves hold epoch ends only, without the fields.
+  return meta.get('batches_done', 0) < meta.get('steps_per_epoch', 0)
+
+
+def check_resume(meta: dict[str, Any], workdir: str, *, per_device: bool, num_devices: int) -> None:
+  """Refuses to resume where the saved position does not carry over.
+
+  A checkpoint saved at an epoch's end resumes on any number of processes, SAF's table on
+  the host too (``saf_jax.table_files`` gathers each process's new block of rows from the
+  saving processes' files). A mid-epoch one resumes on the same number only: the batches
+  already trained are those of the saving processes' partitions of the training set.
 
   Args:
     meta: the newest checkpoint's meta (``Position.to_meta``).
     workdir: the run's workdir, for the message.
     per_device: whether the SAM-family perturbation is per device.
     num_devices: this run's mesh size.
-    saf: whether the method keeps SAF's table.
 
   Raises:
-    ValueError: a per-device perturbation resumed on another number of devices, or SAF's
-      table or a mid-epoch position resumed on another number of processes.
+    ValueError: a per-device perturbation resumed on another number of devices, or a
+      mid-epoch position resumed on another number of processes.
   """
   if per_device and meta['num_devices'] != num_devices:
     # The per-device batch (SAM's m) and BatchNorm's shard statistics depend on it.
@@ -124,13 +132,13 @@ def check_resume(
       f'config.mesh.data={meta["num_devices"]} or use a new --workdir.'
     )
   saved_processes = meta.get('num_processes', 1)
-  if saved_processes != jax.process_count() and (
-    saf or meta.get('batches_done', 0) < meta.get('steps_per_epoch', 0)
-  ):
-    # Both SAF's table rows and a mid-epoch data position belong to a process partition.
+  if saved_processes != jax.process_count() and saved_mid_epoch(meta):
+    processes = f'{saved_processes} process{"" if saved_processes == 1 else "es"}'
     raise ValueError(
-      f'The checkpoint in {workdir!r} was saved by {saved_processes} processes, and its '
-      f'{"SAF table" if saf else "mid-epoch data position"} is '
-      f'partitioned over them; resume it with {saved_processes} processes (this run has '
-      f'{jax.process_count()}), or use a new --workdir.'
+      f'The checkpoint in {workdir!r} (step {meta.get("step")}) was saved in the middle of '
+      f'epoch {meta.get("epoch")} (batch {meta.get("batches_done")} of '
+      f'{meta.get("steps_per_epoch")}) by {processes}, and which examples the batches of an '
+      f'epoch hold depends on the number of processes: resume it with {processes} (this '
+      f'run has {jax.process_count()}), or use a new --workdir. A checkpoint saved at the '
+      'end of an epoch resumes on any number of processes.'
     )

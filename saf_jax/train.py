@@ -125,6 +125,7 @@ class _Run:
   state: train_state.TrainState | None = None
   position: resume.Position = dataclasses.field(default_factory=resume.Position)
   writers: list = dataclasses.field(default_factory=list)
+  best: dict = dataclasses.field(default_factory=dict)  # metrics.add_best's running best.
 
   def __post_init__(self):
     self.evaluate = evaluation.evaluator(self.exp, self.datasets)
@@ -153,6 +154,7 @@ class _Run:
       with_table=exp.method.saf,
       table_on_device=exp.placement.table == 'device',
       remove_unfinished=True,
+      num_train=exp.info.num_train,  # A host table saved by another process count: gathered.
     )
     newest = self.ckpt.latest_state_step()
     if newest is not None:  # Before any per-process lookup: every process refuses alike.
@@ -161,7 +163,6 @@ class _Run:
         workdir,
         per_device=exp.per_device,
         num_devices=exp.mesh.size,
-        saf=exp.placement.table == 'host',  # A device table holds every process's rows.
       )
     latest = self.ckpt.latest_step()
     self.table = exp.new_table(workdir)  # A memory-mapped table's files are scratch, refilled.
@@ -184,8 +185,9 @@ class _Run:
       logging.info(
         'Resumed at step %d (epoch %d, batch %d).', meta['step'], meta['epoch'], batches_done
       )
+    done_epochs = self.position.epoch - 1
+    self.best = metrics.best_of(metrics.read_records(workdir, up_to_epoch=done_epochs))
     if jax.process_index() == 0:  # One writer of the shared workdir's files.
-      done_epochs = self.position.epoch - 1
       guard.write_config(self.config, workdir, exp.info)
       self.writers = [
         metrics.JsonlWriter(workdir, keep_epochs_up_to=done_epochs),
@@ -276,6 +278,7 @@ class _Run:
     eval_start = time.perf_counter()
     if last or epoch % config.eval.every_epochs == 0:
       record.update(self.evaluate(self.state))
+      metrics.add_best(record, self.best)
     record['eval_time_sec'] = time.perf_counter() - eval_start
     # Metrics first: a resumed run drops records past its checkpoint, never misses one.
     for writer in self.writers:
@@ -370,13 +373,13 @@ def _report(result: RunResult, exp: experiment.Experiment, workdir: str) -> str:
   if result.status == ALREADY_DONE:
     return f'method={method}: all {num_epochs} epochs were already done in {workdir}.'
   record = result.record
-  summary = (
-    f'method={method} epochs={num_epochs} '
-    f'test/accuracy={record.get("test/accuracy", float("nan")):.4f} '
-  )
-  for prefix in ('test_ema', 'test_model_ema', 'train_eval'):
-    if f'{prefix}/accuracy' in record:
-      summary += f'{prefix}/accuracy={record[f"{prefix}/accuracy"]:.4f} '
+  summary = f'method={method} epochs={num_epochs} '
+  for prefix in ('test', 'test_ema', 'test_model_ema', 'train_eval'):
+    if f'{prefix}/accuracy' in record or prefix == 'test':
+      summary += f'{prefix}/accuracy={record.get(f"{prefix}/accuracy", float("nan")):.4f} '
+    if f'{prefix}/best_accuracy' in record:  # The authors' protocol: the best epoch's.
+      best, epoch = record[f'{prefix}/best_accuracy'], record[f'{prefix}/best_epoch']
+      summary += f'{prefix}/best_accuracy={best:.4f} (epoch {epoch}) '
   return summary + f'images/s={record["train/images_per_sec"]:.0f} wall={result.wall_seconds:.1f}s'
 
 

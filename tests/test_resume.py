@@ -63,7 +63,9 @@ def _interrupt(workdir, method, data_dir, sig, *overrides, delay=0.0):
   threshold = STEPS_PER_EPOCH if delay == 0 else STEPS_PER_EPOCH - 1
   deadline = time.monotonic() + 600
   while time.monotonic() < deadline and proc.poll() is None:
-    if any(step > threshold for step in checkpoint.saved_steps(workdir)):
+    # Complete: Orbax committed it and the manifest is written (committed alone, a kill
+    # leaves an unfinished save, moved aside by the rerun: test_checkpoint_faults.py).
+    if any(step > threshold for step in checkpoint.complete_steps(workdir)):
       time.sleep(delay)
       proc.send_signal(sig)
       break
@@ -110,7 +112,7 @@ def test_sigkill_mid_epoch_then_restart_is_bit_exact(
   assert returncode == -signal.SIGKILL
   # Killed during epoch 2: epoch 1's record is written, epoch 2's is not.
   assert [r['epoch'] for r in _records(workdir)] == [1]
-  latest = max(checkpoint.saved_steps(workdir))
+  latest = max(checkpoint.complete_steps(workdir))
   assert latest % STEPS_PER_EPOCH, 'the latest checkpoint should be mid-epoch'
   proc = _main(workdir, 'method=saf,smoke', fashion_mnist_data_dir, *RUN, memmap)
   assert f'Resumed at step {latest} (epoch 2, batch {latest - STEPS_PER_EPOCH})' in proc.stderr
@@ -138,6 +140,23 @@ def test_sigterm_saves_and_stops_then_restart_is_bit_exact(
   assert checkpoint.saved_steps(workdir) == [STEPS_PER_EPOCH, step]
   assert STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH, 'SIGTERM should save mid-epoch 2'
   _main(workdir, 'method=mesa,smoke', fashion_mnist_data_dir, *RUN, no_periodic)
+  reference = reference_runs['mesa']
+  assert _strip_times(_records(workdir)) == _strip_times(_records(reference))
+  _assert_same_state(workdir, reference)
+
+
+def test_sigint_stops_without_a_traceback_then_restart_is_bit_exact(
+  reference_runs, fashion_mnist_data_dir, tmp_path
+):
+  """Ctrl-C: the run stops where it is, saves nothing more; the rerun resumes exactly."""
+  workdir = str(tmp_path / 'interrupted')
+  returncode, _, stderr = _interrupt(workdir, 'mesa', fashion_mnist_data_dir, signal.SIGINT)
+  assert returncode == 130, stderr[-3000:]
+  assert 'interrupted (SIGINT); rerun the same command' in stderr
+  assert 'Traceback' not in stderr
+  latest = max(checkpoint.complete_steps(workdir))
+  proc = _main(workdir, 'method=mesa,smoke', fashion_mnist_data_dir, *RUN)
+  assert f'Resumed at step {latest}' in proc.stderr
   reference = reference_runs['mesa']
   assert _strip_times(_records(workdir)) == _strip_times(_records(reference))
   _assert_same_state(workdir, reference)

@@ -26,6 +26,8 @@ The modules:
   (the layout's codecs in float32), so the table never leaves the devices.
 * ``measure``: :func:`storage_error` and :func:`topk_compression_error`, a layout's effect
   on the trajectory loss and its gradient, measured on real logits.
+* ``rows``: ``RowBlocks``, a table array gathered from other processes' saved blocks of
+  rows without a copy (a host table resumed on another number of processes).
 
 Wiring::
 

@@ -25,7 +25,7 @@ import threading
 import jax
 import numpy as np
 
-from saf_jax.logit_table import layout
+from saf_jax.logit_table import layout, rows
 
 
 class LogitTable:
@@ -310,7 +310,9 @@ class LogitTable:
 
     Copies into the table's existing arrays (memory-mapped files stay memory-mapped); logits
     are cast to this table's ``dtype`` (float32 and bfloat16 convert into each other; int8
-    codes only load into an int8 table, whose keys differ).
+    codes only load into an int8 table, whose keys differ). An array may be a
+    :class:`saf_jax.logit_table.rows.RowBlocks` (rows gathered from another process
+    count's checkpoint files): it is copied one block at a time, never whole into RAM.
 
     Raises:
       ValueError: if the keys are another layout's (full vs top-k storage, or int8 vs
@@ -334,17 +336,19 @@ class LogitTable:
         'num_classes, table_topk or E_tilde differ).'
       )
     name = 'topk_values' if self.topk else 'values'
-    if self._int8 and np.asarray(arrays[name]).dtype != np.uint8:
+    codes_dtype = rows.blocks_of(arrays[name])[0].dtype
+    if self._int8 and codes_dtype != np.uint8:
       raise ValueError(
-        f'Restored SAF table has {name!r} of dtype {np.asarray(arrays[name]).dtype}; this '
+        f'Restored SAF table has {name!r} of dtype {codes_dtype}; this '
         'int8 table (config.method.saf.table_dtype) needs uint8 codes.'
       )
     if self.topk:
-      ids = np.asarray(arrays['topk_ids'])
-      if ids.min() < 0 or ids.max() >= self.num_classes:
+      ids = rows.blocks_of(arrays['topk_ids'])
+      low, high = min(b.min() for b in ids), max(b.max() for b in ids)
+      if low < 0 or high >= self.num_classes:
         raise ValueError(
-          f'Restored SAF table has class ids in [{ids.min()}, {ids.max()}]; this run has '
+          f'Restored SAF table has class ids in [{low}, {high}]; this run has '
           f'{self.num_classes} classes (num_classes differ).'
         )
     for name, array in own.items():
-      array[...] = np.asarray(arrays[name]).astype(array.dtype, copy=False)  # In place.
+      rows.copy_into(array, arrays[name])  # In place.
