@@ -36,7 +36,32 @@ from saf_jax import config_upgrade
 # The key of config.json that records the dataset served (not a config field).
 DATASET_KEY = 'dataset_served'
 # The lock file of a workdir (flock'ed by the run's process 0; holds its host and pid).
-LOCK_FILE = 'lock'
+LOCK_FILE = 'saf_jax.lock'
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+  """Raises on every process of the run if any of them failed, so that none is left waiting
+  in a collective that a failed process never reaches. Collective if multi-process.
+
+  Args:
+    error: this process's failure, or None.
+    what: what failed, for the processes that did not fail themselves ("save the SAF
+      table", ...).
+
+  Raises:
+    The process's own ``error``; on a process without one while another has one, a
+    ``ValueError`` saying which process failed to do ``what`` (its own error names why).
+  """
+  if jax.process_count() > 1:
+    failed = multihost_utils.process_allgather(np.asarray(error is not None))
+    if error is None and np.any(failed):
+      first = int(np.argmax(np.asarray(failed).reshape(-1)))
+      raise ValueError(
+        f'Process {first} of this run failed to {what}; its own error message names why.'
+      )
+  if error is not None:
+    raise error
+
 
 # Fields that may differ between a run and its resumption (they do not change training).
 _RESUME_FREE = (
@@ -125,9 +150,17 @@ def read_recorded(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
   The config dict is as stored (not upgraded); the dataset is what :func:`write_config`
   recorded under ``DATASET_KEY`` (None for a run of an earlier saf_jax).
+
+  Raises:
+    ValueError: naming ``path`` if it is not valid JSON (damaged).
   """
   with open(path) as f:
-    config_dict = json.load(f)
+    try:
+      config_dict = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+        f"{path} is damaged ({e}); restore it from the run's command, or use a new --workdir."
+      ) from e
   return config_dict, config_dict.pop(DATASET_KEY, None)
 
 
@@ -155,6 +188,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, info: Any | No
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(record, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -209,6 +244,7 @@ def check_writable(workdir: str) -> None:
     ValueError: naming the workdir and the system's reason (e.g. "Read-only file
       system", "No space left on device", "Permission denied"). Nothing is left behind.
   """
+  error = None
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_probe_') as f:
@@ -217,10 +253,12 @@ def check_writable(workdir: str) -> None:
       os.fsync(f.fileno())
   except OSError as e:
     reason = e.strerror or str(e)
-    raise ValueError(
+    error = ValueError(
       f'--workdir {workdir!r} is not writable ({reason}): a run writes its config, '
       'metrics and checkpoints there; use a writable --workdir.'
-    ) from e
+    )
+    error.__cause__ = e
+  raise_together(error, f'write in --workdir {workdir!r}')
 
 
 def _holder(path: str) -> str:
@@ -241,7 +279,7 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 def lock(workdir: str) -> Iterator[None]:
   """Holds an exclusive lock on ``workdir`` (which must exist) for the body's duration.
 
-  Process 0 of the run takes an advisory ``flock`` on ``workdir/lock`` and writes its host,
+  Process 0 of the run takes an advisory ``flock`` on ``workdir/saf_jax.lock`` and writes its host,
   pid and start time into it; the other processes of a multi-host run wait for it (a
   collective) and refuse alike. The kernel releases a ``flock`` when its process dies, so
   a run killed with SIGKILL leaves no stale lock: the next run takes it and rewrites the
@@ -250,26 +288,29 @@ def lock(workdir: str) -> Iterator[None]:
 
   Raises:
     ValueError: if another run holds the lock: "Workdir ... is in use by another run (pid
-      123 on host h, started ...)". Nothing is changed.
+      123 on host h, started ...)", or if the lock file cannot be opened; on every process
+      alike. Nothing is changed.
   """
   path = os.path.join(workdir, LOCK_FILE)
-  fd, held = None, True
+  fd, held, error = None, True, None
   if jax.process_index() == 0:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       held = False
     except OSError as e:
-      if e.errno not in _NO_LOCKS:
-        os.close(fd)
-        raise
-      logging.warning('%s cannot be locked (%s): two runs could share it.', workdir, e)
+      if e.errno in _NO_LOCKS:
+        logging.warning('%s cannot be locked (%s): two runs could share it.', workdir, e)
+      else:
+        error = ValueError(f'Workdir {workdir!r} cannot be locked ({path}: {e}).')
+    if fd is not None and (error is not None or not held):
+      os.close(fd)
+      fd = None
   if jax.process_count() > 1:
     held = bool(np.all(multihost_utils.process_allgather(np.asarray(held))))
+  raise_together(error, f'lock the workdir {workdir!r}')
   if not held:
-    if fd is not None:
-      os.close(fd)
     raise ValueError(
       f'Workdir {workdir!r} is in use by another run ({_holder(path)}); wait for it to end, '
       'or use another --workdir.'

@@ -165,6 +165,10 @@ class _Run:
         num_devices=exp.mesh.size,
       )
     latest = self.ckpt.latest_step()
+    if latest is not None and latest != newest:  # Resuming an older one: check it too.
+      resume.check_resume(
+        self.ckpt.meta(latest), workdir, per_device=exp.per_device, num_devices=exp.mesh.size
+      )
     self.table = exp.new_table(workdir)  # A memory-mapped table's files are scratch, refilled.
     if self.table is not None:
       where = 'the devices, in all' if exp.placement.table == 'device' else 'this process'
@@ -208,7 +212,7 @@ class _Run:
       shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
       raise FloatingPointError(
         f'Non-finite state at step {step}; training stopped without saving it ({shown} hold '
-        'a NaN or inf). The last checkpoint in the workdir is finite and untouched.'
+        'a NaN or inf). The checkpoints already in the workdir are as they were.'
       )
     meta = self.position.to_meta(
       step=step, steps_per_epoch=self.exp.steps_per_epoch, num_devices=self.exp.mesh.size
@@ -290,7 +294,8 @@ class _Run:
     return record, stopping and not last
 
   def close(self) -> None:
-    self.ckpt.close()
+    if self.ckpt is not None:
+      self.ckpt.close()
     for writer in self.writers:
       writer.close()
 
@@ -333,6 +338,7 @@ def _train_and_evaluate(
   """``train_and_evaluate``'s body, with the workdir's lock held until ``stack`` closes."""
   exp, datasets, probe = _prepare(config, workdir, stack)
   run = _Run(exp, datasets, workdir, probe)
+  stack.callback(run.close)  # On any exit: Orbax's manager and the writers, then the lock.
   run.restore()
   record: dict[str, Any] = {}
   with run.preemption:
@@ -342,7 +348,6 @@ def _train_and_evaluate(
       record, stop = run.end_epoch(epoch)
       if stop:
         break
-  run.close()
   position = run.position
   finished = position.epoch == config.num_epochs and position.batches_done == exp.steps_per_epoch
   if run.preemption.signal_received and not finished:
