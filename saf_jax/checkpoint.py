@@ -13,13 +13,17 @@ renamed):
   by process ``p`` alone as ``.npy`` files: its partition's rows and written epochs.
 
 A host table is saved before the state, so a step with a ``state`` has every process's
-table too; :meth:`Checkpointer.latest_step` returns the newest step that is complete for
-every process. A device table is committed with the state, in the same checkpoint.
+table too; :meth:`Checkpointer.latest_step` returns the newest complete step, and refuses
+it if a process's table of it is missing or damaged (no older step: its resumption would
+save over it). A device table is committed with the state, in the same checkpoint.
 
 Each save ends with a manifest (``saf_jax.manifest``), checked before a restore reads
 anything; then old checkpoints are rotated out. A step committed without the manifest its
-meta promises is an unfinished save: the training run moves it to ``checkpoints_unfinished/``,
-readers skip it (:func:`complete_steps`). A refused save (disk full) removes its files.
+meta promises is an unfinished save: the training run moves it to ``checkpoints_unfinished/``
+(and starts afresh if none is left), readers skip it (:func:`complete_steps`). A refused
+save (disk full) removes its files. What one process alone reads or writes (a host table, its
+step) is followed by ``guard.raise_together``: if it fails, every process raises, and none
+is left waiting in a collective.
 
 There is no random-number state to save: data order and augmentation derive from (seed,
 epoch, process) and each step's randomness from (seed, step), so resuming at any saved
@@ -28,11 +32,15 @@ step continues the run exactly as if it had not stopped.
 Before anything is written, ``saf_jax.guard.check_config`` compares the workdir's stored
 config with the new one and refuses a mismatch in any field that changes the training
 trajectory, so another run's checkpoint is never resumed or overwritten by mistake.
+
+What reads the files without an Orbax manager (the steps, ``saved_table``,
+``table_placement``, ``CheckpointError``) is in ``saf_jax.checkpoint_files``, named here too.
 """
 
 import os
 import shutil
 import time
+from functools import partial
 from typing import Any
 
 import flax.struct
@@ -41,7 +49,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from saf_jax import manifest, table_files, train_state
+from saf_jax import checkpoint_files, guard, manifest, table_files, train_state
+from saf_jax.checkpoint_files import CheckpointError as CheckpointError
+from saf_jax.checkpoint_files import complete_steps as complete_steps
+from saf_jax.checkpoint_files import saved_steps as saved_steps
+from saf_jax.checkpoint_files import saved_table as saved_table
+from saf_jax.checkpoint_files import table_placement as table_placement
+
+_PROMISE = checkpoint_files.PROMISE  # The file of a step that promises its manifest.
+_step_dir, _unreadable = checkpoint_files.step_dir, checkpoint_files.unreadable
 
 
 @flax.struct.dataclass
@@ -82,94 +98,6 @@ def _from_disk(restored: Any) -> Any:
   return restored
 
 
-def table_placement(workdir: str) -> str | None:
-  """Where the newest checkpoint of ``workdir`` keeps SAF's table: 'device', 'host' or None.
-
-  Its ``meta`` says; 'host' for one saved before tables could be on the devices. Reads the
-  meta file alone (and its manifest): no Orbax manager, so no collective; nothing changes.
-
-  Raises:
-    CheckpointError: if the newest checkpoint's meta cannot be read, or its files do not
-      match its manifest.
-  """
-  steps = complete_steps(workdir)
-  if not steps:
-    return None
-  try:
-    meta = manifest.read_json(_step_dir(workdir, steps[-1]), _PROMISE)
-    return meta.get('table_placement', 'host')
-  except (OSError, ValueError, AttributeError) as e:
-    raise _unreadable(workdir, steps[-1], e) from e
-
-
-def saved_table(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
-  """The newest saved SAF table of ``workdir``, as NumPy arrays, wherever it was kept.
-
-  Process 0's files under ``checkpoints_table/`` (a host table: that process's rows), or
-  the newest checkpoint's ``saf_table`` item (a device table: every example's rows).
-
-  Returns:
-    ``(where it was read from, {array name: array})``, the arrays of
-    ``saf_jax.logit_table.layout`` (bfloat16 logits as bfloat16).
-
-  Raises:
-    ValueError: if the workdir holds no saved SAF table.
-  """
-  files = table_files.TableFiles(workdir, process_index=0)
-  if files.steps():
-    step = files.steps()[-1]
-    return os.path.join(files.directory, str(step)), files.load(step)
-  directory = os.path.join(workdir, 'checkpoints')
-  if table_placement(workdir) == 'device':
-    path = os.path.join(directory, str(complete_steps(workdir)[-1]), 'saf_table')
-    if not os.path.isdir(path):
-      raise CheckpointError(
-        f'The newest checkpoint in {directory!r} keeps its SAF table on the devices, but '
-        f'{path!r} is missing.'
-      )
-    with ocp.StandardCheckpointer() as reader:
-      # The saving run's devices may be gone, and the table is for NumPy: read onto a CPU.
-      one = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-      tree = reader.metadata(path).item_metadata.tree
-      like = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one) for k, m in tree.items()}
-      restored = reader.restore(path, like)
-    return path, {name: np.asarray(jax.device_get(a)) for name, a in restored.items()}
-  raise ValueError(
-    f'{workdir!r} has no saved SAF table (under checkpoints_table/process_0, or in '
-    'checkpoints/ as saf_table).'
-  )
-
-
-def saved_steps(workdir: str) -> list[int]:
-  """Steps with a committed ``checkpoints/<step>`` (state and meta), ascending; no Orbax.
-  Unfinished saves included (committed, no manifest yet): see :func:`complete_steps`."""
-  return manifest.steps(os.path.join(workdir, 'checkpoints'))
-
-
-def _step_dir(workdir: str, step: int) -> str:
-  return os.path.join(workdir, 'checkpoints', str(step))
-
-
-_PROMISE = 'meta/metadata'  # The file of a step that promises its manifest (the meta).
-
-
-def complete_steps(workdir: str) -> list[int]:
-  """The :func:`saved_steps` whose save finished, ascending, that runs resume from and tools
-  read: not those committed without their manifest yet (being written, or killed first)."""
-  return manifest.complete(os.path.join(workdir, 'checkpoints'), _PROMISE)
-
-
-def _unreadable(workdir: str, step: int, error: Exception) -> 'CheckpointError':
-  first = '\n'.join(str(error).splitlines()[:2])
-  return CheckpointError(
-    f'The checkpoint of step {step} in {workdir!r} cannot be read '
-    f'({type(error).__name__}: {first}). Its files are incomplete or damaged; nothing '
-    f'was changed. Move checkpoints/{step} (and checkpoints_table/*/{step}) aside to '
-    'resume from the previous checkpoint (or to start afresh without one), or use a new '
-    '--workdir.'
-  )
-
-
 def saved_epochs(workdir: str) -> dict[int, int]:
   """``{epoch: step}`` of the checkpoints saved at the end of an epoch, read-only.
 
@@ -191,10 +119,6 @@ def saved_epochs(workdir: str) -> dict[int, int]:
     manager.close()
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that exists but cannot be read (incomplete or corrupt files)."""
-
-
 # Seconds to wait after a failed read for Orbax's other reads to end (see restore).
 _SETTLE_SECONDS = 1.0
 
@@ -204,6 +128,17 @@ _DAMAGED = ('NOT_FOUND', 'DATA_LOSS', 'not found', 'No such file', 'corrupt', 'U
 
 def _looks_damaged(error: Exception) -> bool:
   return isinstance(error, OSError) or any(word in str(error) for word in _DAMAGED)
+
+
+def _together(error: Exception | None, what: str, wrap=CheckpointError) -> None:
+  """``guard.raise_together``: this process's ``error`` if it has one, on the others
+  ``wrap(the error naming the failed process)``. Collective if multi-process."""
+  try:
+    guard.raise_together(error, what)
+  except ValueError as e:
+    if e is error:
+      raise
+    raise wrap(e) from e
 
 
 def _manager(directory: str, max_to_keep: int | None, **options) -> ocp.CheckpointManager:
@@ -243,20 +178,15 @@ class Checkpointer:
         Orbax item of each checkpoint).
       remove_unfinished: delete the temporary directories of saves cut short by a kill,
         move unfinished saves aside (for the training run itself; a reader such as
-        ``analyze`` must not, since the run may be saving at that moment).
+        ``analyze`` must not, since the run may be saving at that moment); if all are,
+        the run starts afresh (``manifest.move_aside_unfinished``).
       num_train: the training examples; given, a host table saved by another number of
         processes is restored too (``table_files.TableFiles``).
-
-    Raises:
-      CheckpointError: (``remove_unfinished``) if every saved step is an unfinished save.
     """
     self.workdir = workdir
     if remove_unfinished:
       root = os.path.join(workdir, 'checkpoints')
-      try:
-        manifest.move_aside_unfinished(root, _PROMISE, f'{root}_unfinished')
-      except manifest.ManifestError as e:
-        raise _unreadable(workdir, max(saved_steps(workdir)), e) from e
+      manifest.move_aside_unfinished(root, _PROMISE, f'{root}_unfinished')
     self._max_to_keep = max_to_keep
     self._verified = set()  # Steps checked against their manifest.
     manifest.quiet_abandoned_writes()  # After a failed write: one error, not 40 tracebacks.
@@ -282,20 +212,25 @@ class Checkpointer:
     return max(self._steps(), default=None)
 
   def latest_step(self) -> int | None:
-    """The newest step whose state, and (SAF) every process's table, were committed."""
-    state_steps = set(self._steps())
-    steps = state_steps
+    """The newest step whose state, and (SAF) every process's table, were committed.
+
+    Raises:
+      CheckpointError: on every process (collective if multi-process), if the newest state
+        checkpoint has no complete SAF table for a process (its files missing or damaged:
+        tables are saved before the state), naming the step and the file; there is no
+        fallback to an older step, whose resumption would save over the newer one.
+    """
+    steps = self._steps()
+    error = None
     if self._table is not None:
-      steps = state_steps & set(self._table.steps())
-      if state_steps and not steps:  # Never start afresh over another run's checkpoints.
-        raise CheckpointError(
-          f'The checkpoints at steps {sorted(state_steps)} in {self.workdir!r} have no SAF '
-          f'table under checkpoints_table/process_{jax.process_index()} (saved by an older '
-          'saf_jax, or the table files were removed); use a new --workdir.'
-        )
+      try:
+        self._check_table(max(steps, default=None))
+      except CheckpointError as e:
+        error = e
+      _together(error, 'find its SAF table of the newest checkpoint')
     local = max(steps, default=-1)
     if jax.process_count() > 1:
-      # A process killed between its table and the state has one table step more: agree.
+      # Each process checked its table of its newest step (above); they must see the same.
       everyone = multihost_utils.process_allgather(np.asarray(local))
       local = int(np.min(everyone))
       if local >= 0 and not bool(
@@ -303,9 +238,28 @@ class Checkpointer:
       ):
         raise CheckpointError(
           f'The processes of this run hold no common complete checkpoint at step {local} '
-          f'in {self.workdir!r}; a table directory under checkpoints_table/ is damaged.'
+          f'in {self.workdir!r}: they see different checkpoints (checkpoints need a '
+          'filesystem shared by all processes).'
         )
     return None if local < 0 else local
+
+  def _check_table(self, step: int | None) -> None:
+    """Raises a CheckpointError if this process has no complete SAF table of ``step``."""
+    if step is None or (problem := self._table.problem(step)) is None:
+      return
+    steps, p = self._steps(), jax.process_index()
+    if not set(steps) & set(self._table.steps()):  # Never start afresh over their states.
+      raise CheckpointError(
+        f'The checkpoints at steps {sorted(steps)} in {self.workdir!r} have no SAF table under '
+        f'checkpoints_table/process_{p} (saved by an older saf_jax, or the table files were '
+        'removed); use a new --workdir.'
+      )
+    raise CheckpointError(
+      f'The checkpoint of step {step} in {self.workdir!r} has no SAF table that process {p} '
+      f'can restore: {problem}. Nothing was changed. Move checkpoints/{step} (and '
+      f'checkpoints_table/*/{step}) aside to resume from the previous checkpoint, or use a '
+      'new --workdir.'
+    )
 
   def save(
     self,
@@ -328,27 +282,36 @@ class Checkpointer:
 
     Raises:
       CheckpointError: if the filesystem refuses a write (full, read-only), once this
-        save's files are removed (earlier checkpoints stay as they were).
+        save's files are removed (earlier checkpoints stay as they were); on every process
+        if one cannot save its host table (collective if multi-process).
     """
     meta = {**meta, manifest.PROMISE_KEY: 1}  # Committed without a manifest: unfinished.
-    table_saved = committed = False
+    directory = _step_dir(self.workdir, step)
+    table_saved = entered = False
     try:
       if table is not None and self._table is not None:
-        self._table.save(step, table)
-        table_saved = True
+        error = None
+        try:
+          self._table.save(step, table)
+          table_saved = True
+        except Exception as e:  # Raised on every process: none waits in Orbax's save.
+          error = e
+        _together(error, f'save its SAF table of step {step}')
       items = {'state': ocp.args.StandardSave(_to_disk(state)), 'meta': ocp.args.JsonSave(meta)}
       if table is not None and self._table_item:
         items['saf_table'] = ocp.args.StandardSave(table)
+      entered = not os.path.lexists(directory)  # Orbax's commit may be left: removed below.
       if not self._state.save(step, args=ocp.args.Composite(**items)):
+        entered = False  # Nothing written (the step, if there, is an earlier save's).
         raise CheckpointError(
           f'Orbax declined to save step {step} in {self.workdir!r}: it holds a checkpoint '
           f'at step {self._state.latest_step()} or later (a table directory under '
           'checkpoints_table/ was removed?); use a new --workdir.'
         )
-      committed = True
-      manifest.write_shared(_step_dir(self.workdir, step))
+      manifest.write_shared(directory)
     except Exception as e:
       if jax.process_index() == 0:  # Remove what this save wrote: Orbax's, then the table's.
+        committed = entered and not manifest.exists(directory)
         manifest.remove_partial(os.path.join(self.workdir, 'checkpoints'), step, committed)
       if table_saved:
         shutil.rmtree(os.path.join(self._table.directory, str(step)), ignore_errors=True)
@@ -412,13 +375,14 @@ class Checkpointer:
       ValueError: if the saved arrays do not match the abstract ones (another model or
         table layout).
       CheckpointError: if files of the checkpoint are missing or damaged (checked against
-        the manifests before anything is read).
+        the manifests before anything is read); on every process if one process's host
+        table files are (collective if multi-process).
     """
     self._verify(step)
     table = None
+    if abstract_table is not None and self._table is not None:
+      table = self._restore_table(step, abstract_table)
     try:
-      if abstract_table is not None and self._table is not None:
-        table = self._table.restore(step, abstract_table)
       items = {
         'state': ocp.args.StandardRestore(_to_disk(abstract_state)),
         'meta': ocp.args.JsonRestore(),
@@ -435,11 +399,25 @@ class Checkpointer:
         raise  # A structure or shape mismatch: the caller names the config.
       # Orbax leaves the reads of the other arrays running when one fails; their threads
       # then report a closed event loop. Let them finish, so that our error prints last
-      # and whole. (A table file's ManifestError precedes any read.)
-      if not isinstance(e, manifest.ManifestError):
-        time.sleep(_SETTLE_SECONDS)
+      # and whole.
+      time.sleep(_SETTLE_SECONDS)
       raise _unreadable(self.workdir, step, e) from e
     return _from_disk(restored.state), table, restored.meta
+
+  def _restore_table(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+    """This process's host table at ``step`` (``restore``), before the state: if a process
+    cannot read its table, every process raises, and none waits in Orbax's restore."""
+    table = error = None
+    try:
+      table = self._table.restore(step, abstract)
+    except Exception as e:
+      error = e
+    mismatch = isinstance(error, (ValueError, TypeError, KeyError)) and not _looks_damaged(error)
+    if error is not None and not mismatch:  # A mismatch: raised as it is; the caller says.
+      error = _unreadable(self.workdir, step, cause := error)  # A file missing or damaged.
+      error.__cause__ = cause
+    _together(error, f'read its SAF table of step {step}', partial(_unreadable, self.workdir, step))
+    return table
 
   def close(self) -> None:
     self._state.close()

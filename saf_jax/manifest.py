@@ -320,6 +320,10 @@ def move_aside_unfinished(root: str, promise: str, target: str) -> list[int]:
   if taken), logging a warning for each. Process 0 moves; every process decides alike
   first. Collective if multi-process.
 
+  When every step is unfinished (a kill between the first save's commit and its manifest),
+  all are moved too, and the warning says that the run starts afresh: the workdir's config
+  check has made sure that it is the same run, and the moved files are kept.
+
   Args:
     root: the directory of the steps; promise: their promise file (:func:`unfinished`);
       target: where they go, created if needed.
@@ -328,16 +332,15 @@ def move_aside_unfinished(root: str, promise: str, target: str) -> list[int]:
     The steps moved, ascending.
 
   Raises:
-    ManifestError: if every step is unfinished (nothing to resume from); nothing is moved.
     OSError: if a move fails.
   """
   found = steps(root)
   moved = [step for step in found if unfinished(os.path.join(root, str(step)), promise)]
   if not moved:
     return []
+  then = 'resuming from the previous checkpoint'
   if len(moved) == len(found):
-    path = os.path.join(root, str(moved[-1]), NAME)
-    raise ManifestError(f'{path} is missing (the save was cut short?)')
+    then = 'no complete checkpoint is left, so the run starts afresh (the moved files are kept)'
   multi = jax.process_count() > 1
   if multi:
     multihost_utils.sync_global_devices('saf_jax.manifest: unfinished saves found')
@@ -349,9 +352,8 @@ def move_aside_unfinished(root: str, promise: str, target: str) -> list[int]:
     os.makedirs(target, exist_ok=True)
     os.rename(os.path.join(root, str(step)), path)
     logging.warning(
-      'The save of step %d was cut short after its commit (it has no %s): moved it to %s; '
-      'resuming from the previous checkpoint.',
-      *(step, NAME, path),
+      'The save of step %d was cut short after its commit (it has no %s): moved it to %s; %s.',
+      *(step, NAME, path, then),
     )
   if multi:
     multihost_utils.sync_global_devices('saf_jax.manifest: unfinished saves moved')

@@ -31,14 +31,25 @@ def _steps_in(directory: str) -> list[int]:
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def _saved_rows(directory: str, step: int) -> int | None:
+def _read_rows(directory: str, step: int) -> int | str:
   """The rows (axis 1 of ``written_epoch.npy``) saved at ``step`` under ``directory``, or
-  None if that file is missing or unreadable."""
+  what is wrong: the step's directory or that file is missing, or the file is damaged."""
+  path = os.path.join(directory, str(step), 'written_epoch.npy')
+  if not os.path.isdir(os.path.dirname(path)):
+    return f'{os.path.dirname(path)} is missing'
   try:
-    shape = np.load(os.path.join(directory, str(step), 'written_epoch.npy'), mmap_mode='r').shape
-  except (OSError, ValueError):
-    return None
-  return int(shape[1]) if len(shape) == 2 else None
+    shape = np.load(path, mmap_mode='r').shape
+  except FileNotFoundError:
+    return f'{path} is missing'
+  except (OSError, ValueError) as e:
+    return f'{path} is damaged ({type(e).__name__}: {e})'
+  return int(shape[1]) if len(shape) == 2 else f'{path} is damaged (shape {shape})'
+
+
+def _saved_rows(directory: str, step: int) -> int | None:
+  """:func:`_read_rows`, or None if the file is missing or unreadable."""
+  found = _read_rows(directory, step)
+  return found if isinstance(found, int) else None
 
 
 def _saved_meta(workdir: str, step: int) -> dict[str, Any] | None:
@@ -159,6 +170,23 @@ class TableFiles:
     num_rows = _saved_rows(self.directory, step)
     return num_rows is not None and num_rows != self.num_rows  # Unreadable: restore() says so.
 
+  def problem(self, step: int) -> str | None:
+    """Why this process cannot restore ``step`` (None: it can, as far as :meth:`steps`
+    tells; :meth:`restore` checks the files against their manifest): its directory is
+    missing, or it gathers the step and a saving process's file is missing or damaged
+    (named), holds another partition, or the step was saved mid-epoch."""
+    if not self._gathers(step):
+      directory = os.path.join(self.directory, str(step))
+      return None if os.path.isdir(directory) else f'{directory} is missing'
+    meta = _saved_meta(os.path.dirname(self._root), step)
+    if meta is not None and resume.saved_mid_epoch(meta):
+      return (
+        f'it was saved in the middle of an epoch by {meta.get("num_processes", 1)} '
+        f'processes; this run has {self.process_count}'
+      )
+    found = self._blocks(step)
+    return found if isinstance(found, str) else None
+
   def saved_blocks(self, step: int) -> list[tuple[int, int]] | None:
     """The id blocks of the ``Q`` processes that saved ``step``, or None if incomplete.
 
@@ -172,19 +200,31 @@ class TableFiles:
       ``[(first id, rows)]`` of ``process_<q>`` for ``q`` in ``[0, Q)``, or None (also
       without ``num_train``).
     """
-    if self.num_train is None:
-      return None
+    found = self._blocks(step) if self.num_train is not None else None
+    return found if isinstance(found, list) else None
+
+  def _blocks(self, step: int) -> list[tuple[int, int]] | str:
+    """:meth:`saved_blocks` (``num_train`` given), or why they are incomplete: the file of
+    a saving process is missing or damaged, or holds another number of rows."""
     meta = _saved_meta(os.path.dirname(self._root), step)
     count = meta.get('num_processes', 1) if meta is not None else 0
     if meta is None:
       while _saved_rows(self._process_dir(count), step) is not None:
         count += 1
-    if not 1 <= count <= self.num_train:
-      return None
+    if count < 1:
+      return f'{os.path.join(self._process_dir(0), str(step))} is missing'
+    if count > self.num_train:
+      return f'it was saved by {count} processes, more than its {self.num_train} examples'
     blocks = [partition.process_partition(self.num_train, q, count) for q in range(count)]
     for q, (_, num_rows) in enumerate(blocks):
-      if _saved_rows(self._process_dir(q), step) != num_rows:
-        return None
+      found = _read_rows(self._process_dir(q), step)
+      if isinstance(found, str):
+        return found
+      if found != num_rows:
+        return (
+          f'{os.path.join(self._process_dir(q), str(step))} holds {found} rows, not the '
+          f'{num_rows} of process {q} of {count} (another partition of {self.num_train} ids)'
+        )
     return blocks
 
   def save(self, step: int, arrays: dict[str, np.ndarray]) -> None:
@@ -217,6 +257,18 @@ class TableFiles:
       raise
     os.rename(tmp, final)
 
+  def verify(self, step: int) -> None:
+    """Checks this process's files of ``step`` against their manifest; a step of an older
+    version, without one, is accepted unless the state checkpoint's meta promises one.
+
+    Raises:
+      manifest.ManifestError: naming the file missing, cut short or changed.
+    """
+    directory = os.path.join(self.directory, str(step))
+    meta = _saved_meta(os.path.dirname(self._root), step)
+    if manifest.exists(directory) or (isinstance(meta, dict) and meta.get('manifest')):
+      manifest.verify(directory)
+
   def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, np.ndarray]:
     """Arrays like ``abstract``'s (same keys, shapes and dtypes), memory-mapped from disk.
 
@@ -231,10 +283,8 @@ class TableFiles:
     """
     if self._gathers(step):  # Saved by another number of processes.
       return self._restore_gathered(step, abstract)
+    self.verify(step)
     directory = os.path.join(self.directory, str(step))
-    meta = _saved_meta(os.path.dirname(self._root), step)
-    if manifest.exists(directory) or (isinstance(meta, dict) and meta.get('manifest')):
-      manifest.verify(directory)
     saved = sorted(name[:-4] for name in os.listdir(directory) if name.endswith('.npy'))
     if saved != sorted(abstract):
       raise ValueError(

@@ -4,8 +4,9 @@ Every file of a real checkpoint (SAF with its table on the device, in the Orbax 
 and on the host, in ``checkpoints_table/``) is cut to half its size, zeroed, or removed in
 turn: the rerun must refuse with the ``CheckpointError`` that names the step and says what
 to move aside, and change no file. A save killed between Orbax's commit and the manifest is
-moved aside and the run resumes bit-exact; a full disk gives one error line, leaves no
-partial files, and a rerun with room ends like an uninterrupted run.
+moved aside and the run resumes bit-exact (or, if it was the first, reruns from scratch); a
+full disk gives one error line, leaves no partial files, and a rerun with room ends like an
+uninterrupted run.
 """
 
 import errno
@@ -67,9 +68,10 @@ _FILES = {
     for name in ('values.npy', 'written_epoch.npy', manifest.NAME)
   ],
 }
-# The run of each placement: one epoch on the device (one checkpoint: a removed manifest
-# leaves nothing to resume from), two on the host (checkpoints 8 and 16: the newest one's
-# removed manifest is the kill-window case, test_a_save_killed_before_its_manifest_...).
+# The run of each placement: one epoch on the device (one checkpoint: its removed manifest
+# is a kill before the first manifest, test_a_first_save_killed_before_its_manifest_...), two
+# on the host (checkpoints 8 and 16: the newest one's removed manifest is the kill-window
+# case, test_a_save_killed_before_its_manifest_resumes_bit_exact).
 _EPOCHS = {'device': 1, 'host': 2}
 _STEPS_PER_EPOCH = 8  # 512 examples in batches of 64.
 
@@ -168,8 +170,8 @@ def test_a_damaged_file_is_refused_and_nothing_changes(
 ):
   """In-process (train_and_evaluate), each file matching ``pattern`` damaged in turn."""
   step = _EPOCHS[placement] * _STEPS_PER_EPOCH
-  if (placement, how, pattern) == ('host', 'delete', f'checkpoints/{{step}}/{manifest.NAME}'):
-    pytest.skip('an unfinished save: test_a_save_killed_before_its_manifest_resumes_bit_exact')
+  if (how, pattern) == ('delete', f'checkpoints/{{step}}/{manifest.NAME}'):
+    pytest.skip('an unfinished save: test_a_(first_)save_killed_before_its_manifest_...')
   config = _config(fashion_mnist_data_dir, placement, _EPOCHS[placement])
   for i, relative in enumerate(_cases(finished[placement], placement)[pattern]):
     workdir = str(tmp_path / f'case_{i}')
@@ -233,6 +235,40 @@ def test_a_save_killed_before_its_manifest_resumes_bit_exact(
   assert _snapshot(os.path.join(workdir, 'checkpoints_unfinished/16')) == committed
   assert checkpoint.complete_steps(workdir) == checkpoint.saved_steps(workdir) == [8, 16]
   _assert_same_run(workdir, reference)
+
+
+def test_a_first_save_killed_before_its_manifest_reruns_from_scratch(
+  finished, fashion_mnist_data_dir, tmp_path
+):
+  """Orbax committed the run's only checkpoint (step 8), the run was killed before the
+  manifest: the rerun moves it aside, starts afresh and ends like the run that never
+  stopped (it used to refuse every rerun)."""
+  reference = finished['device']
+  workdir = str(tmp_path / 'killed')
+  shutil.copytree(reference, workdir)
+  os.remove(os.path.join(workdir, 'checkpoints/8', manifest.NAME))
+  committed = _snapshot(os.path.join(workdir, 'checkpoints/8'))
+  assert checkpoint.complete_steps(workdir) == []
+  train.train_and_evaluate(_config(fashion_mnist_data_dir, 'device', 1), workdir)
+  assert _snapshot(os.path.join(workdir, 'checkpoints_unfinished/8')) == committed
+  assert checkpoint.complete_steps(workdir) == checkpoint.saved_steps(workdir) == [8]
+  _assert_same_run(workdir, reference)
+
+
+def test_saved_table_checks_a_host_tables_manifest(finished, tmp_path):
+  """``checkpoint.saved_table`` (the table report's reader) refuses a changed table file."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished['host'], workdir)
+  path = os.path.join(workdir, 'checkpoints_table/process_0/16/values.npy')
+  with open(path, 'r+b') as f:  # One bit of the logits, same size: NumPy reads it as it is.
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)[0]
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last ^ 1]))
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    checkpoint.saved_table(workdir)
+  assert f'{path} has the size in {manifest.NAME} but another CRC-32' in str(info.value)
+  assert 'Move checkpoints/16 (and checkpoints_table/*/16) aside' in str(info.value)
 
 
 def _can_mount_tmpfs(directory):
@@ -362,7 +398,7 @@ def test_manifest_ignores_files_it_does_not_list_and_refuses_a_damaged_manifest(
   manifest.verify_shared(directory, promise='sub/b.txt')  # No manifest, none promised.
 
 
-def test_unfinished_saves_are_moved_aside_unless_none_is_complete(tmp_path):
+def test_unfinished_saves_are_moved_aside_even_when_none_is_complete(tmp_path, monkeypatch):
   root = str(tmp_path / 'checkpoints')
   for step, promise in ((1, {}), (2, {'manifest': 1}), (3, {'manifest': 1})):
     os.makedirs(os.path.join(root, str(step), 'meta'))
@@ -376,11 +412,15 @@ def test_unfinished_saves_are_moved_aside_unless_none_is_complete(tmp_path):
   assert manifest.move_aside_unfinished(root, 'meta/metadata', target) == [3]
   assert manifest.steps(root) == [1, 2]
   assert sorted(os.listdir(target)) == ['3', '3.2']
+  # Only unfinished saves (a kill before the first manifest): moved too; the run starts afresh.
   only = str(tmp_path / 'only')
   shutil.copytree(os.path.join(target, '3.2'), os.path.join(only, '3'))
-  with pytest.raises(manifest.ManifestError, match=r'3/saf_manifest\.json is missing'):
-    manifest.move_aside_unfinished(only, 'meta/metadata', target)
-  assert manifest.steps(only) == [3]
+  warnings = []
+  monkeypatch.setattr(manifest.logging, 'warning', lambda *a: warnings.append(a[0] % a[1:]))
+  assert manifest.move_aside_unfinished(only, 'meta/metadata', target) == [3]
+  assert manifest.steps(only) == [] and sorted(os.listdir(target)) == ['3', '3.2', '3.3']
+  assert len(warnings) == 1 and f'moved it to {os.path.join(target, "3.3")}; ' in warnings[0]
+  assert 'no complete checkpoint is left, so the run starts afresh' in warnings[0]
 
 
 def test_a_refused_write_is_found_in_the_exception_chain():
@@ -474,5 +514,34 @@ def test_a_save_whose_manifest_fails_is_removed_and_the_previous_one_stays(tmp_p
   monkeypatch.undo()
   assert ckpt.latest_step() == 1
   _save(ckpt, 2)
+  ckpt.close()
+  assert checkpoint.saved_steps(workdir) == checkpoint.complete_steps(workdir) == [1, 2]
+
+
+def test_a_save_that_fails_after_orbaxs_commit_leaves_no_step_without_a_manifest(
+  tmp_path, monkeypatch
+):
+  """Orbax committed (renamed) step 2, then its save raised: step 2 is removed, as the
+  message says; a declined save never removes the step that was there before it."""
+  workdir = str(tmp_path)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2, remove_unfinished=True)
+  _save(ckpt, 1)
+  before = _snapshot(workdir)
+  commit = ckpt._state.save
+
+  def full_after_commit(step, **kwargs):
+    assert commit(step, **kwargs)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(workdir, 'x'))
+
+  monkeypatch.setattr(ckpt._state, 'save', full_after_commit)
+  with pytest.raises(checkpoint.CheckpointError, match='Its partial files were removed'):
+    _save(ckpt, 2)
+  assert _snapshot(workdir) == before
+  monkeypatch.undo()
+  _save(ckpt, 2)
+  saved = _snapshot(workdir)
+  with pytest.raises(checkpoint.CheckpointError, match='Orbax declined to save step 2'):
+    _save(ckpt, 2)
+  assert _snapshot(workdir) == saved
   ckpt.close()
   assert checkpoint.saved_steps(workdir) == checkpoint.complete_steps(workdir) == [1, 2]

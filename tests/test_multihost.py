@@ -397,6 +397,145 @@ def test_gathered_steps_need_every_saving_process_and_an_epoch_end(tmp_path):
     new[1].restore(20, like)
 
 
+def test_gathered_newest_step_with_a_damaged_or_missing_file_is_refused(tmp_path):
+  """A saving process's table file of the newest state step damaged or missing: latest_step
+  names the step and the file, with no fallback to an older step (whose resumption would
+  save over this one), and nothing is deleted."""
+  num_train, workdir = 11, str(tmp_path)
+  for step in (8, 16):  # Epoch ends of 2 processes, state and tables.
+    for q in range(2):
+      first_id, rows = partition.process_partition(num_train, q, 2)
+      table = logit_table.LogitTable(rows, 3, E_tilde=2, first_id=first_id)
+      _save_as(workdir, step, q, 2, num_train, table)
+    _write_meta(workdir, step, num_processes=2, epoch=step // 8, batches_done=4, steps_per_epoch=4)
+
+  def latest(**options):
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3, with_table=True, **options)
+    try:
+      return ckpt.latest_step()
+    finally:
+      ckpt.close()
+
+  assert latest(num_train=num_train) == 16  # 1 process gathers both blocks.
+  tables = os.path.join(workdir, 'checkpoints_table')
+  path = os.path.join(tables, 'process_1', '16', 'written_epoch.npy')
+  os.truncate(path, os.path.getsize(path) // 2)
+  before = sorted(os.walk(workdir))
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    latest(num_train=num_train)
+  message = str(info.value)
+  assert f'The checkpoint of step 16 in {workdir!r} has no SAF table that process 0' in message
+  assert f'{path} is damaged (ValueError: ' in message
+  assert 'Move checkpoints/16 (and checkpoints_table/*/16) aside' in message
+  assert sorted(os.walk(workdir)) == before
+  shutil.rmtree(os.path.dirname(path))
+  with pytest.raises(checkpoint.CheckpointError, match=f'{os.path.dirname(path)} is missing'):
+    latest(num_train=num_train)
+  # On the saving process count, this process's own directory of step 16 missing.
+  shutil.rmtree(os.path.join(tables, 'process_0', '16'))
+  before = sorted(os.walk(workdir))
+  with pytest.raises(checkpoint.CheckpointError, match=r'step 16 .*process_0/16 is missing'):
+    latest()
+  assert sorted(os.walk(workdir)) == before
+  shutil.rmtree(os.path.join(tables, 'process_0'))  # No table of any state step: the old words.
+  with pytest.raises(checkpoint.CheckpointError, match=r'steps \[8, 16\] .* have no SAF table'):
+    latest()
+
+
+# Process p of 2 saves, fails and restores with a Checkpointer; prints [stage, error or None].
+_FAILING = """
+import errno, json, os, shutil, sys
+import jax
+import numpy as np
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from saf_jax import checkpoint, logit_table, table_files
+
+workdir, p = sys.argv[3], jax.process_index()
+ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3, with_table=True, num_train=8)
+table = logit_table.LogitTable(4, 3, E_tilde=2, first_id=4 * p)
+state, like = {'w': np.zeros(3, np.float32)}, {'w': jax.ShapeDtypeStruct((3,), np.float32)}
+tables = os.path.join(workdir, 'checkpoints_table', f'process_{p}')
+
+def attempt(stage, call):
+  try:
+    call()
+    result = None
+  except Exception as e:
+    result = [type(e).__name__, str(e)]
+  print(json.dumps([stage, result]), flush=True)
+
+def full(self, step, arrays):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.directory, 'x'))
+
+attempt('save', lambda: ckpt.save(1, state, table.state_dict(), {'step': 1}))
+if p == 1:  # A full disk on process 1 alone.
+  table_files.TableFiles.save = full
+attempt('full', lambda: ckpt.save(2, state, table.state_dict(), {'step': 2}))
+if p == 1:
+  os.truncate(os.path.join(tables, '1', 'values.npy'), 100)
+multihost_utils.sync_global_devices('damaged')
+attempt('restore', lambda: ckpt.restore(1, like, table.state_dict()))
+if p == 1:
+  shutil.rmtree(os.path.join(tables, '1'))
+multihost_utils.sync_global_devices('removed')
+attempt('latest', ckpt.latest_step)
+ckpt.close()
+"""
+
+
+def test_a_table_that_one_process_cannot_save_or_read_raises_on_every_process(tmp_path):
+  """Process 1's table save refused (a full disk), its file of the step cut short, then
+  removed: both processes raise a CheckpointError (process 1 its own), none waits forever
+  in Orbax's save or restore, or in latest_step's collective."""
+  address = f'localhost:{_free_port()}'
+  env = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL='3',
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  )
+  workdir = str(tmp_path / 'run')
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _FAILING, address, str(p), workdir],
+      cwd=conftest.REPO_ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for p in range(2)
+  ]
+  try:
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:  # A hang: what this test is about.
+        proc.kill()
+        proc.wait()
+  results = []
+  for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
+    assert proc.returncode == 0, stderr[-4000:]
+    results.append(dict(json.loads(line) for line in stdout.splitlines() if line.startswith('["')))
+  other = 'Process 1 of this run failed to {}; its own error message names why.'
+  assert results[0]['save'] is results[1]['save'] is None
+  assert results[0]['full'] == ['CheckpointError', other.format('save its SAF table of step 2')]
+  kind, message = results[1]['full']
+  assert message.startswith('The checkpoint of step 2 could not be saved: No space left')
+  assert 'start from step 1, whose checkpoint is intact' in message
+  kind, message = results[0]['restore']
+  assert kind == 'CheckpointError' and other.format('read its SAF table of step 1') in message
+  kind, message = results[1]['restore']
+  assert kind == 'CheckpointError' and 'process_1/1/values.npy has 100 bytes' in message
+  assert 'Move checkpoints/1 (and checkpoints_table/*/1) aside' in message
+  want = other.format('find its SAF table of the newest checkpoint')
+  assert results[0]['latest'] == ['CheckpointError', want]
+  assert results[1]['latest'][0] == 'CheckpointError'
+  assert 'no SAF table under checkpoints_table/process_1' in results[1]['latest'][1]
+
+
 def test_mid_epoch_checkpoint_on_another_process_count_is_refused():
   meta = {'step': 11, 'epoch': 2, 'batches_done': 3, 'steps_per_epoch': 8, 'num_devices': 2}
   with pytest.raises(ValueError) as refused:
