@@ -100,6 +100,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.image_size = -1
   config.input.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir.
   config.input.batch_size = 128  # Global batch size (all devices), examples.
+  # Gradient accumulation: each step's batch as this many micro-batches, one at a time in
+  # the compiled step (memory follows batch_size / accum_steps; saf_jax.accumulate). Must
+  # divide the per-device batch. 1 = the whole batch at once.
+  config.input.accum_steps = 1
   config.input.eval_batch_size = 1000  # Global, examples; the last batch is padded.
   # First N training examples (TFDS order); folders: N class-balanced. -1 = all.
   config.input.num_train_examples = -1
@@ -167,6 +171,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'global': the perturbation uses the global batch's gradient; 'per_device': each
   # device uses its own shard's (m-sharpness, jax.shard_map). Same result on one device.
   config.method.perturbation_scope = 'global'
+  # With input.accum_steps > 1: 'accumulated' perturbs with the whole batch's accumulated
+  # gradient (big-batch SAM); 'per_microbatch' with each micro-batch's own (m-sharpness; not
+  # for looksam, msam, rwp).
+  config.method.accum_scope = 'accumulated'
   config.method.sam = ml_collections.ConfigDict()
   config.method.sam.rho = 0.05  # L2 radius of the perturbation (Foret et al. 2021).
   config.method.asam = ml_collections.ConfigDict()

@@ -51,6 +51,8 @@ ADDED_FIELDS = {
   'method.msam.rho': 3.0,
   'method.rwp.sigma': 0.01,
   'method.rwp.lam': 0.5,
+  'input.accum_steps': 1,
+  'method.accum_scope': 'accumulated',
 }
 
 
@@ -89,6 +91,9 @@ def upgrade_config(config_dict: dict[str, Any]) -> dict[str, Any]:
   ``mesh.device_memory_fraction``     2026-12-06  ``0.25`` (read only by ``'auto'``).
   ``method.{msam,rwp}.*``             2026-12-06  Today's defaults: no method of such a
                                                   run read them.
+  ``input.accum_steps``               2026-12-07  ``1``: the whole batch at once.
+  ``method.accum_scope``              2026-12-07  ``'accumulated'`` (read only with
+                                                  ``accum_steps > 1``).
   ==================================  ==========  =====================================
 
   ``distributed`` (how ``main.py`` starts the processes, never read from a stored config)

@@ -229,11 +229,14 @@ class Experiment:
       sam_step=sam_step,
       label_smoothing=self.config.label_smoothing,
       model_ema_decay=self.model_ema_decay,
+      accum_steps=self.config.input.accum_steps,
+      accum_scope=self.config.method.accum_scope,
       **hparams,
     )
     if self.per_device:
       # Each device perturbs with its own shard's gradient (m-sharpness); the step
-      # averages the final gradient, batch_stats and metrics over 'data'.
+      # averages the final gradient, batch_stats and metrics over 'data'. With
+      # input.accum_steps > 1 each device accumulates over its own rows' micro-batches.
       step = jax.shard_map(
         step, mesh=self.mesh, in_specs=(P(), P('data')), out_specs=(P(), P(), P('data'))
       )

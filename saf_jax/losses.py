@@ -84,13 +84,17 @@ def trajectory_loss(
   *,
   temperature: float,
   mask: jax.Array | None = None,
+  denominator: jax.Array | float | None = None,
 ) -> jax.Array:
   r"""The :math:`\tau^2`-scaled trajectory KL of SAF (Eq. 9) and MESA (Eq. 13).
 
   .. math::
 
-    \tau^2 \cdot \frac{\sum_i m_i \, \mathrm{KL}(p^t_i \| p^z_i)}{\max(\sum_i m_i, 1)},
+    \tau^2 \cdot \frac{\sum_i m_i \, \mathrm{KL}(p^t_i \| p^z_i)}{D},
+    \quad D = \max(\sum_i m_i, 1),
     \quad p^t_i = \mathrm{softmax}(t_i/\tau),\; p^z_i = \mathrm{softmax}(z_i/\tau)
+
+  (:math:`m_i = 1` without a mask; :math:`D` = ``denominator`` when one is given).
 
   The direction is KL(target ‖ student), and the :math:`\tau^2` factor follows the
   reference implementation (and Hinton et al.'s distillation loss): it keeps the
@@ -113,12 +117,20 @@ def trajectory_loss(
     temperature: :math:`\tau > 0`, the softening temperature (``tau``).
     mask: optional float or bool [batch]; 1 where the example's target is valid. Masked
       examples contribute neither to the sum nor to the count.
+    denominator: optional float32 scalar :math:`D > 0` replacing :math:`\max(\sum_i m_i,
+      1)` (the batch size without a mask). Gradient accumulation (``saf_jax.accumulate``)
+      passes, for each of :math:`M` micro-batches, the *global* batch's
+      :math:`\max(\sum_i m_i, 1) / M`: the micro-batches' losses then average to the global
+      batch's masked mean exactly, also when their masks differ.
 
   Returns:
     float32 scalar: :math:`\tau^2` times the mean KL over unmasked examples, in nats;
     0 when no example is unmasked.
   """
   kl = per_example_kl(logits, target_logits, temperature=temperature)  # [B]
+  if denominator is not None:
+    masked = kl if mask is None else kl * mask.astype(jnp.float32)
+    return temperature**2 * jnp.sum(masked) / denominator
   if mask is None:
     mean_kl = jnp.mean(kl)
   else:

@@ -22,6 +22,9 @@ BatchNorm policy: the student's ``batch_stats`` are updated exactly once per ste
 its own training forward pass at :math:`\theta` (for MSAM, the only one, at
 :math:`\tilde\theta`). Perturbed passes normalise with their batch's statistics and
 write none; MESA's teacher runs in eval mode with ``ema_batch_stats`` and writes nothing.
+With gradient accumulation (``accum_steps``; ``saf_jax.accumulate``) that forward is one
+per micro-batch, and the running statistics are the mean of their updates, still once per
+step.
 """
 
 from collections.abc import Callable
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from saf_jax import losses, methods, train_state, transforms
+from saf_jax import accumulate, losses, methods, train_state, transforms
 
 
 def _apply_train(model, params, batch_stats, images):
@@ -60,6 +63,8 @@ def make_train_step(
   batch_axis_name: str | None = None,
   sam_step: bool | None = None,
   label_smoothing: float = 0.0,
+  accum_steps: int = 1,
+  accum_scope: str = 'accumulated',
 ) -> Callable:
   r"""Builds ``train_step(state, batch) -> (state, metrics, logits)``.
 
@@ -102,6 +107,18 @@ def make_train_step(
       gradient), False for a reuse step; None decides in the graph (``jax.lax.cond``).
     label_smoothing: :math:`\epsilon` of the cross-entropy term (``losses``); the
       trajectory loss never uses it.
+    accum_steps: :math:`M \ge 1`: the batch (per device, in the per-device scope) is
+      processed as :math:`M` micro-batches of rows ``j::M`` in one ``lax.scan``, and the
+      gradient is their mean (``saf_jax.accumulate``: the global counts normalise each
+      micro-batch, so without BatchNorm the step equals the one-batch step; with it, each
+      micro-batch normalises with its own statistics and the running statistics get one
+      update from the mean of the micro-batches' statistics). MESA's teacher runs per
+      micro-batch; SAF's logits are returned [B, K] in batch order. 1: no accumulation.
+    accum_scope: with :math:`M > 1` and a SAM-family method, ``'accumulated'`` perturbs with
+      the mean gradient of the whole batch (the transform's ``grad_fn`` scans the
+      micro-batches again at the perturbed params) and ``'per_microbatch'`` with each
+      micro-batch's own gradient, averaging the final gradients (not for LookSAM, MSAM,
+      m-RWP: ``accumulate.PER_MICROBATCH_REFUSED``).
 
   Returns:
     A pure function. ``batch`` is a dict with ``image`` float32 [B, H, W, C], ``label``
@@ -113,11 +130,21 @@ def make_train_step(
     [B, K] logits for SAF (Algorithm 1, line 4) and None otherwise.
 
   Raises:
-    ValueError: for an unknown ``method``.
+    ValueError: for an unknown ``method``, ``accum_steps < 1``, an unknown ``accum_scope``
+      or one refused for the method; when traced, for a batch that ``accum_steps`` does
+      not divide.
   """
   method = methods.parse(method)
   trajectory, perturbation = method.trajectory, method.perturbation
   use_trajectory = trajectory_active and trajectory is not None
+  accumulate.check_accum_steps(accum_steps)
+  if accum_scope not in accumulate.ACCUM_SCOPES:
+    raise ValueError(
+      f'accum_scope must be one of {list(accumulate.ACCUM_SCOPES)}, got {accum_scope!r}.'
+    )
+  refused = accumulate.PER_MICROBATCH_REFUSED.get(perturbation)
+  if accum_steps > 1 and accum_scope == 'per_microbatch' and refused:
+    raise ValueError(f"accum_scope='per_microbatch' does not apply to {perturbation}: {refused}.")
 
   def pmean(tree):
     return tree if batch_axis_name is None else jax.lax.pmean(tree, batch_axis_name)
@@ -125,7 +152,7 @@ def make_train_step(
   def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
     full = {'image': batch['image'], 'label': batch['label']}
     if use_trajectory:
-      full.update(_trajectory_targets(model, state, batch, trajectory))
+      full.update(_trajectory_targets(model, state, batch, trajectory, accum_steps))
     objective = _objective_fn(
       model,
       state.batch_stats,
@@ -142,11 +169,22 @@ def make_train_step(
       # Inside shard_map the gradient w.r.t. a replicated input is summed over devices;
       # marking params device-varying keeps each device's own shard gradient.
       params = jax.tree.map(lambda x: jax.lax.pcast(x, batch_axis_name, to='varying'), params)
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (loss, (logits, new_batch_stats, ce, traj, per_example)), grads = grad_fn(params, full)
-    extra_args = {}
-    if perturbation not in (None, 'msam'):  # MSAM's grads are already at theta_tilde.
-      extra_args = _perturbation_args(perturbation, objective, full, per_example, sam_step)
+    if accum_steps == 1:
+      grad_fn = jax.value_and_grad(objective, has_aux=True)
+      (loss, (logits, new_batch_stats, ce, traj, per_example)), grads = grad_fn(params, full)
+      extra_args = {}
+      if perturbation not in (None, 'msam'):  # MSAM's grads are already at theta_tilde.
+        extra_args = _perturbation_args(perturbation, objective, full, per_example, sam_step)
+    else:
+      (loss, logits, new_batch_stats, ce, traj), grads, extra_args = accumulate.accumulated_pass(
+        objective,
+        params,
+        full,
+        num=accum_steps,
+        perturbation=perturbation,
+        scope=accum_scope,
+        sam_step=sam_step,
+      )
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     new_params = optax.apply_updates(state.params, updates)
     new_batch_stats = pmean(new_batch_stats)
@@ -181,41 +219,60 @@ def make_train_step(
   return train_step
 
 
-def _trajectory_targets(model, state, batch, trajectory: str) -> dict[str, jax.Array]:
-  """The trajectory loss's targets ``t`` for the batch (SAF: with their mask)."""
+def _trajectory_targets(model, state, batch, trajectory: str, accum_steps: int):
+  """The trajectory loss's targets ``t`` for the batch (SAF: with their mask), a dict."""
   if trajectory == 'mesa':
     # Eq. 13: the EMA teacher, eval mode, its own EMA batch stats, no gradient.
-    teacher = _apply_eval(model, state.ema_params, state.ema_batch_stats, batch['image'])
+    def teacher_fn(images):
+      return _apply_eval(model, state.ema_params, state.ema_batch_stats, images)
+
+    if accum_steps == 1:
+      teacher = teacher_fn(batch['image'])
+    else:  # One micro-batch's forward at a time; [B, K] in batch order.
+      teacher = accumulate.map_microbatches(teacher_fn, batch['image'], accum_steps)
     return {'target_logits': jax.lax.stop_gradient(teacher)}
   # Algorithm 1, line 5: the logits of E_tilde epochs ago, masked where not recorded.
   return {'target_logits': batch['target_logits'], 'target_mask': batch['target_mask']}
 
 
 def _objective_fn(model, batch_stats, *, lam, tau, label_smoothing, per_example_kl) -> Callable:
-  """``objective(params, batch) -> (loss, (logits, batch_stats, ce, traj, per_example))``.
+  """``objective(params, batch, denominators=None) -> (loss, (logits, batch_stats, ce, traj,
+  per_example))``.
 
   The step's objective: the cross-entropy (Algorithm 1, line 13) plus, when ``lam`` is not
   None, ``lam`` times the trajectory loss against ``batch['target_logits']`` (line 11).
   ``per_example`` is each example's cross-entropy, plus its share of the trajectory term
   when ``per_example_kl`` (ESAM's SDS ranks examples by their share of the objective).
+  With ``denominators`` (a micro-batch, ``accumulate.denominators``) the means are sums
+  over ``denominators['ce']`` and ``['kl']``, weighted by ``batch['weight']`` if present.
   """
 
-  def objective(params, sub):
+  def objective(params, sub, denominators=None):
     logits, new_batch_stats = _apply_train(model, params, batch_stats, sub['image'])
     per_example = losses.per_example_cross_entropy(
       logits, sub['label'], label_smoothing=label_smoothing
     )
-    ce = jnp.mean(per_example)
+    weight = sub.get('weight')
+    if denominators is None:
+      ce = jnp.mean(per_example)
+    else:
+      ce = jnp.sum(per_example if weight is None else per_example * weight) / denominators['ce']
     traj = jnp.zeros([], jnp.float32)
     loss = ce  # Algorithm 1, line 13.
     if lam is not None:
       mask = sub.get('target_mask')
-      traj = losses.trajectory_loss(logits, sub['target_logits'], temperature=tau, mask=mask)
+      if weight is not None:
+        mask = weight if mask is None else mask * weight
+      kl_den = None if denominators is None else denominators['kl']
+      traj = losses.trajectory_loss(
+        logits, sub['target_logits'], temperature=tau, mask=mask, denominator=kl_den
+      )
       loss = ce + lam * traj  # Algorithm 1, line 11.
       if per_example_kl:
         kl = losses.per_example_kl(logits, sub['target_logits'], temperature=tau)
-        if mask is not None:  # Each example's share of the masked mean: mean(...) == loss.
-          kl = kl * mask * mask.shape[0] / jnp.maximum(jnp.sum(mask), 1.0)
+        if mask is not None or kl_den is not None:  # Each one's share: mean(...) == loss.
+          den = kl_den if kl_den is not None else jnp.maximum(jnp.sum(mask), 1.0)
+          kl = (kl if mask is None else kl * mask) * kl.shape[0] / den
         per_example = per_example + lam * tau**2 * kl
     return loss, (logits, new_batch_stats, ce, traj, per_example)
 

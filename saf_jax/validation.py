@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import ml_collections
 
-from saf_jax import data, logit_table, methods, models, transforms
+from saf_jax import accumulate, data, logit_table, methods, models, transforms
 from saf_jax.config_rules import (
   MISSING,
   Rule,
@@ -67,6 +67,17 @@ def _in_unit_interval(field: str) -> Rule:
 
 def _below_one(field: str, allowed: str = 'in [0, 1)') -> Rule:
   return Rule(field, lambda x: is_number(x) and 0 <= x < 1, allowed)
+
+
+def _per_device_batch(config: ml_collections.ConfigDict, devices: _Devices) -> int:
+  """Examples of one step on one device: the global batch over the batch's devices."""
+  return config.input.batch_size // devices.batch_devices
+
+
+def _divisors(n: int, limit: int = 12) -> str:
+  """The divisors of ``n``, the first ``limit`` of them, as a list in words."""
+  found = [d for d in range(1, n + 1) if n % d == 0]
+  return str(found[:limit])[:-1] + (', ...]' if len(found) > limit else ']')
 
 
 def _batch_rules(field: str) -> tuple[Rule, ...]:
@@ -153,6 +164,17 @@ _RULES_AFTER_INPUT = (
   Rule('model.width', lambda x: x is MISSING or (is_int(x) and x >= 1), 'an integer >= 1'),
   Rule('num_epochs', int_at_least(1), 'an integer >= 1'),
   *_batch_rules('input.batch_size'),
+  Rule('input.accum_steps', int_at_least(1), 'an integer >= 1 (1 = no accumulation)'),
+  Rule(
+    'input.accum_steps',
+    lambda x, config, devices: _per_device_batch(config, devices) % x == 0,
+    lambda config, devices: (
+      f'a divisor of the per-device batch (input.batch_size {config.input.batch_size} / '
+      f'{devices.batch_devices} devices = {_per_device_batch(config, devices)}): one of '
+      f'{_divisors(_per_device_batch(config, devices))}'
+    ),
+    cross_field=True,
+  ),
   *_batch_rules('input.eval_batch_size'),
   Rule('input.num_train_examples', lambda x: is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
   Rule('input.num_test_examples', lambda x: is_int(x) and (x == -1 or x >= 1), '-1 or >= 1'),
@@ -227,6 +249,28 @@ _TRAJECTORY_RULES = {
 
 _SCOPE_RULE = Rule(
   'method.perturbation_scope', one_of(PERTURBATION_SCOPES), f'one of {list(PERTURBATION_SCOPES)}'
+)
+
+# The micro-batch scope of a SAM-family perturbation (read only when input.accum_steps > 1).
+_ACCUM_SCOPE_RULES = (
+  Rule(
+    'method.accum_scope',
+    one_of(accumulate.ACCUM_SCOPES),
+    f'one of {list(accumulate.ACCUM_SCOPES)}',
+  ),
+  Rule(
+    'method.accum_scope',
+    lambda x, config, devices: (
+      x != 'per_microbatch'
+      or config.input.accum_steps == 1
+      or methods.parse(config.method.name).perturbation not in accumulate.PER_MICROBATCH_REFUSED
+    ),
+    lambda config, devices: (
+      f"'accumulated' for method {config.method.name} with input.accum_steps > 1 ("
+      f'{accumulate.PER_MICROBATCH_REFUSED[methods.parse(config.method.name).perturbation]})'
+    ),
+    cross_field=True,
+  ),
 )
 
 # The rules of the chosen SAM-family method's hyperparameters (its transform checks them
@@ -309,7 +353,9 @@ def validate_config(
       optimizer, schedule, augmentation or table dtype; ``E_tilde < 1``; ``E_start < 0``;
       ``tau <= 0``; ``lam < 0``; ``ema_decay`` outside (0, 1); batch sizes < 1 or not
       divisible by the devices (the per-device perturbation scope splits the batch the
-      same way) or by the processes; non-positive epochs, learning rate or periods; an
+      same way) or by the processes; ``input.accum_steps`` < 1 or not dividing the
+      per-device batch; an unknown ``method.accum_scope``, or ``'per_microbatch'`` with
+      accumulation for LookSAM, MSAM or m-RWP; non-positive epochs, learning rate or periods; an
       unknown ``perturbation_scope``; for the SAM family ``rho``/``eta``/``alpha < 0``,
       ``k < 1``, ``beta``/``gamma`` outside (0, 1], ``rho_min > rho_max``, an unknown
       ASAM ``adaptive_params``, m-RWP's ``sigma < 0`` or ``lam`` outside [0, 1], or MSAM
@@ -328,5 +374,5 @@ def validate_config(
   input_rules = data.INPUT_RULES if check_input else (data.IMAGE_SIZE_RULE,)
   check(config, _RULES + input_rules + _RULES_AFTER_INPUT, devices)
   method = methods.parse(config.method.name)
-  rules = _TRAJECTORY_RULES.get(method.trajectory, ()) + (_SCOPE_RULE,)
+  rules = _TRAJECTORY_RULES.get(method.trajectory, ()) + (_SCOPE_RULE, *_ACCUM_SCOPE_RULES)
   check(config, rules + _SAM_FAMILY_RULES.get(method.perturbation, ()), devices)

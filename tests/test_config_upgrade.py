@@ -49,6 +49,8 @@ OLD_VALUES = (
   ('input.placement', 'host', None),
   ('method.saf.table_placement', 'host', None),
   ('mesh.device_memory_fraction', 0.25, None),
+  ('input.accum_steps', 1, 2),
+  ('method.accum_scope', 'accumulated', None),  # A saf run does not read it.
 )
 
 

@@ -100,6 +100,61 @@ class SAMState(NamedTuple):
   base_state: optax.OptState
 
 
+def per_microbatch_final(
+  name: str,
+  final_gradient: Callable[..., Any],
+  microbatch_grads: Any,
+  microbatch_args: Callable[[jax.Array], dict[str, Any]] | None,
+  params: Any,
+  count: jax.Array,
+) -> Any:
+  r"""The mean over :math:`M` micro-batches of each one's final gradient (the m-sharpness mode).
+
+  .. math::
+
+    \bar g = \frac{1}{M} \sum_{j=0}^{M-1} F\big(g_j;\ \nabla L_j\big)
+
+  with :math:`g_j = \nabla L_j(\theta)` micro-batch :math:`j`'s clean gradient and
+  :math:`F` the method's map from a clean gradient and a ``grad_fn`` to its final gradient
+  (SAM: :math:`\nabla L_j(\theta + \rho g_j/\|g_j\|)`): each micro-batch perturbs with its
+  own gradient, as the devices of the per-device scope do. One ``lax.scan`` over :math:`j`;
+  the final gradients are summed in a buffer like ``params``.
+
+  Args:
+    name: the transform's name, for errors.
+    final_gradient: ``final_gradient(g, params, count, grad_fn, **kwargs)`` (``wrap_base``).
+    microbatch_grads: the clean gradients stacked on a new leading axis: a pytree like
+      ``params`` with leaves [M, ...] (memory: M times the params).
+    microbatch_args: ``microbatch_args(j) -> dict`` for a traced int32 scalar ``j``: the
+      keyword arguments of micro-batch ``j``'s ``final_gradient``, with ``grad_fn`` (the
+      gradient of :math:`L_j` at given params) and, for ``esam``, ``per_example_loss_fn``
+      and ``per_example_losses`` of micro-batch ``j``'s examples.
+    params: :math:`\theta`.
+    count: the transform's step count.
+
+  Returns:
+    :math:`\bar g`, a pytree like ``params``.
+
+  Raises:
+    ValueError: if ``microbatch_args``, ``params`` or a ``grad_fn`` in it is missing.
+  """
+  if microbatch_args is None:
+    raise ValueError(f'{name}.update with microbatch_grads needs microbatch_args=..., too.')
+  num = jax.tree.leaves(microbatch_grads)[0].shape[0]
+
+  def body(total, j):
+    kwargs = dict(microbatch_args(j))
+    grad_fn = require_grad_fn(name, kwargs.pop('grad_fn', None), params)
+    g_j = jax.tree.map(lambda x: x[j], microbatch_grads)
+    final = final_gradient(g_j, params, count, grad_fn, **kwargs)
+    return jax.tree.map(jnp.add, total, final), None
+
+  # zeros_like keeps a per-device gradient's device-varying type inside jax.shard_map.
+  zeros = jax.tree.map(lambda x: jnp.zeros_like(x[0]), microbatch_grads)
+  total, _ = jax.lax.scan(body, zeros, jnp.arange(num))
+  return jax.tree.map(lambda x: (x / num).astype(x.dtype), total)
+
+
 def base_update(base_optimizer, grads, state, params, *, axis_name):
   """Averages the final gradient over ``axis_name`` (per-device scope), then the base step."""
   grads = maybe_pmean(grads, axis_name)
@@ -116,15 +171,34 @@ def wrap_base(
   """A transform with :class:`SAMState` whose base optimizer steps on a final gradient.
 
   ``final_gradient(g, params, count, grad_fn, **extra_args)`` maps the clean gradient to
-  the method's gradient; the rest (state, checks, per-device averaging) is shared.
+  the method's gradient; the rest (state, checks, per-device averaging, the per-micro-batch
+  mode of :func:`per_microbatch_final`) is shared.
+
+  ``update(grads, state, params, *, grad_fn, **extra_args)`` takes the clean gradient; or,
+  per micro-batch, ``update(grads, state, params, *, microbatch_grads, microbatch_args)``
+  (``grads`` then unused, e.g. their mean; see :func:`per_microbatch_final`).
   """
 
   def init_fn(params):
     return SAMState(count=jnp.zeros([], jnp.int32), base_state=base_optimizer.init(params))
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    grad_fn = require_grad_fn(name, grad_fn, params)
-    final = final_gradient(updates, params, state.count, grad_fn, **extra_args)
+  def update_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    grad_fn=None,
+    microbatch_grads=None,
+    microbatch_args=None,
+    **extra_args,
+  ):
+    if microbatch_grads is not None:
+      final = per_microbatch_final(
+        name, final_gradient, microbatch_grads, microbatch_args, params, state.count
+      )
+    else:
+      grad_fn = require_grad_fn(name, grad_fn, params)
+      final = final_gradient(updates, params, state.count, grad_fn, **extra_args)
     new_updates, base_state = base_update(
       base_optimizer, final, state.base_state, params, axis_name=batch_axis_name
     )
