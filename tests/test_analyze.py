@@ -498,13 +498,19 @@ def test_training_refuses_more_sharpness_batches_than_the_data_before_writing(
   workdir = str(tmp_path / 'run')
   with pytest.raises(ValueError, match=r'config.analysis.sharpness_num_batches must be at most'):
     train.train_and_evaluate(config, workdir)
-  assert not os.path.exists(workdir)
+  # Only the guards' traces: the workdir, created by the writability check, and its empty,
+  # released lock file.
+  assert os.listdir(workdir) == [guard.LOCK_FILE]
+  assert os.path.getsize(os.path.join(workdir, guard.LOCK_FILE)) == 0
   # A subset in the config: 9 batches of 64 need 576 of its 512 examples.
   config.input.num_train_examples, config.analysis.sharpness_num_batches = 512, 9
   match = r'sharpness_num_batches must be at most num_train // batch_size = 8, got 9\.'
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(config, workdir)
-  assert not os.path.exists(workdir)
+  # Only the guards' traces: the workdir, created by the writability check, and its empty,
+  # released lock file.
+  assert os.listdir(workdir) == [guard.LOCK_FILE]
+  assert os.path.getsize(os.path.join(workdir, guard.LOCK_FILE)) == 0
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,9 @@ def _interrupt(workdir, method, data_dir, sig, *overrides, delay=0.0):
     _command(workdir, method, data_dir, *overrides),
     cwd=conftest.REPO_ROOT,
     env=env,
+    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored across exec:
+    # give the run the default disposition a shell would.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
